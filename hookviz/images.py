@@ -1,0 +1,176 @@
+"""Find input images, decode them to RGB, and turn them into model inputs.
+
+Decoding applies EXIF orientation and converts every mode (grayscale, RGBA,
+palette, 16-bit, CMYK) to 8-bit RGB, so what the model sees and what the
+overlay is drawn on are the same picture the user sees in a viewer.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, TextIO
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError, UsageError
+from .models import Preprocessing
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+STDIN = "-"
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """Which part of the original image the model saw, in original pixel coordinates.
+
+    ``box`` is (left, top, right, bottom); the whole image without ``--crop``.
+    """
+
+    box: tuple[float, float, float, float]
+    image_size: tuple[int, int]  # (width, height) of the original
+
+    @property
+    def is_whole_image(self) -> bool:
+        width, height = self.image_size
+        return self.box == (0.0, 0.0, float(width), float(height))
+
+
+def collect_inputs(arguments: Iterable[str], stdin: TextIO | None = None) -> list[Path]:
+    """Expand files, directories (recursive, sorted) and ``-`` (paths on stdin) into a list of paths.
+
+    Explicit files are kept even when they do not exist or are not images, so each
+    gets its own error; directories contribute only files with image suffixes.
+    """
+    paths: list[Path] = []
+    for argument in arguments:
+        if argument == STDIN:
+            stream = stdin if stdin is not None else sys.stdin
+            paths.extend(Path(line.strip()) for line in stream if line.strip())
+            continue
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths.extend(found)
+        else:
+            paths.append(path)
+    if not paths:
+        raise UsageError("no input images: pass image files, directories, or - to read paths from stdin")
+    return paths
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Decode an image file to 8-bit RGB with EXIF orientation applied. Raises InputError."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (rather than fails) on oversized images below 2x the limit: treat it as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.seek(0)  # animated GIF/WebP/TIFF: the first frame
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: image is larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image hookviz can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise InputError(f"{path}: cannot decode image ({exc})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_bit_depth_to_l(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return image
+
+
+def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale to 8-bit, scaling by the format's range (Pillow's convert clips instead)."""
+    values = torch.from_numpy(__import__("numpy").array(image, dtype="float32"))
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    elif image.mode == "F":
+        scale = 1.0 if float(values.max()) <= 1.0 else 255.0
+    else:  # "I": 32-bit container, usually holding 16-bit data
+        scale = 255.0 if float(values.max()) <= 255.0 else 65535.0
+    eight_bit = (values / scale * 255.0).clamp(0, 255).round().to(torch.uint8)
+    return Image.fromarray(eight_bit.numpy(), mode="L")
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image to a uint8 tensor of shape (3, H, W)."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1)
+
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def model_view(image_size: tuple[int, int], preprocessing: Preprocessing, crop: bool) -> ModelView:
+    """The region of the original image the model input covers (same arithmetic as torchvision's resize + center crop)."""
+    width, height = image_size
+    if not crop:
+        return ModelView(box=(0.0, 0.0, float(width), float(height)), image_size=image_size)
+    resized_w, resized_h = _resized_shorter_side(width, height, preprocessing.resize_size)
+    crop_h, crop_w = preprocessing.input_size
+    top = int(round((resized_h - crop_h) / 2.0))
+    left = int(round((resized_w - crop_w) / 2.0))
+    scale_x, scale_y = width / resized_w, height / resized_h
+    return ModelView(
+        box=(left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y),
+        image_size=image_size,
+    )
+
+
+def _resized_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's resize of the shorter side to ``size``, keeping the aspect ratio."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def preprocess(image: Image.Image, preprocessing: Preprocessing, crop: bool = False) -> torch.Tensor:
+    """PIL RGB image to a normalized float tensor (3, h, w) for the model.
+
+    Without ``crop`` the whole image is resized to the model's input size, so every
+    pixel of the original is explained; with ``crop`` this is the weights' own eval
+    transform (resize the shorter side, then center crop).
+    """
+    resample = _RESAMPLE.get(preprocessing.interpolation, Image.Resampling.BILINEAR)
+    height, width = preprocessing.input_size
+    if crop:
+        resized = image.resize(_resized_shorter_side(image.width, image.height, preprocessing.resize_size), resample)
+        left = int(round((resized.width - width) / 2.0))
+        top = int(round((resized.height - height) / 2.0))
+        model_image = resized.crop((left, top, left + width, top + height))
+    else:
+        model_image = image.resize((width, height), resample)
+    pixels = image_to_tensor(model_image).float().div_(255.0)
+    mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(3, 1, 1)
+    return pixels.sub_(mean).div_(std)

@@ -1,0 +1,120 @@
+"""Tensors to pictures: colormaps by lookup table, heat overlays, captions.
+
+Everything stays in torch and PIL (RGB); matplotlib is used only to read a
+colormap's 256 colours once.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import UsageError
+
+
+@lru_cache(maxsize=None)
+def colormap_lut(name: str) -> torch.Tensor:
+    """A matplotlib colormap as a (256, 3) uint8 lookup table."""
+    import matplotlib
+
+    try:
+        cmap = matplotlib.colormaps[name]
+    except KeyError:
+        import difflib
+
+        hint = difflib.get_close_matches(name, list(matplotlib.colormaps), n=3)
+        raise UsageError(f"unknown colormap {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "; see matplotlib's colormap names")) from None
+    rgba = cmap([i / 255 for i in range(256)])
+    return (torch.tensor(rgba[:, :3]) * 255).round().to(torch.uint8)
+
+
+def apply_colormap(values: torch.Tensor, cmap: str) -> torch.Tensor:
+    """Values in [0, 1] of shape (..., H, W) to colours of shape (..., 3, H, W), uint8."""
+    index = (values.clamp(0, 1) * 255).round().long()
+    colours = colormap_lut(cmap)[index]  # (..., H, W, 3)
+    return colours.movedim(-1, -3).contiguous()
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 tensor (3, H, W) to a PIL RGB image."""
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy(), mode="RGB")
+
+
+def normalize_map(heat: torch.Tensor) -> torch.Tensor:
+    """Scale each map (..., H, W) to [0, 1]; a flat map becomes all zeros."""
+    flat = heat.flatten(-2)
+    low = flat.min(dim=-1, keepdim=True).values
+    high = flat.max(dim=-1, keepdim=True).values
+    span = high - low
+    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return scaled.view_as(heat)
+
+
+def resize_map(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a (h, w) map to (H, W), pixel centres aligned (align_corners=False)."""
+    return F.interpolate(heat[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def heat_in_image(heat: torch.Tensor, box: tuple[float, float, float, float], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place a (h, w) map, which covers ``box`` of the original image, on the original's pixel grid.
+
+    Returns (heat, seen): heat of shape (H, W) in the original's resolution, zero
+    outside the box, and a boolean mask of the pixels the model saw.
+    """
+    width, height = image_size
+    left, top, right, bottom = box
+    if (left, top, right, bottom) == (0.0, 0.0, float(width), float(height)):
+        return resize_map(heat, (height, width)), torch.ones(height, width, dtype=torch.bool)
+    # Resize to the box's (fractional) extent, then paste the part that lies inside the image.
+    box_w, box_h = max(1, round(right - left)), max(1, round(bottom - top))
+    placed = resize_map(heat, (box_h, box_w))
+    canvas = torch.zeros(height, width)
+    seen = torch.zeros(height, width, dtype=torch.bool)
+    x0, y0 = round(left), round(top)
+    xs0, ys0 = max(0, x0), max(0, y0)
+    xs1, ys1 = min(width, x0 + box_w), min(height, y0 + box_h)
+    canvas[ys0:ys1, xs0:xs1] = placed[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0]
+    seen[ys0:ys1, xs0:xs1] = True
+    return canvas, seen
+
+
+def overlay(image: torch.Tensor, heat: torch.Tensor, *, alpha: float = 0.5, cmap: str = "jet",
+            seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Blend a heatmap (H, W) in [0, 1] over an RGB uint8 image (3, H, W); dim what the model did not see."""
+    colours = apply_colormap(heat, cmap).float()
+    blended = image.float() * (1 - alpha) + colours * alpha
+    if seen is not None and not bool(seen.all()):
+        blended = torch.where(seen, blended, image.float() * 0.35)
+    return blended.round().clamp(0, 255).to(torch.uint8)
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_caption(image: Image.Image, text: str) -> None:
+    """Write ``text`` in the top-left corner on a dark band, sized to the image."""
+    size = max(11, min(image.width, image.height) // 24)
+    draw = ImageDraw.Draw(image)
+    font = _font(size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, size // 4)
+    draw.rectangle((0, 0, right - left + 2 * pad, bottom - top + 2 * pad), fill=(0, 0, 0))
+    draw.text((pad - left, pad - top), text, fill=(255, 255, 255), font=font)
+
+
+def draw_labels(image: Image.Image, positions: list[tuple[int, int]], labels: list[str], size: int) -> None:
+    """Small labels (e.g. channel indices) at the given top-left positions."""
+    draw = ImageDraw.Draw(image)
+    font = _font(size)
+    for (x, y), text in zip(positions, labels):
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
+        draw.text((x, y), text, fill=(255, 255, 255), font=font)
