@@ -226,3 +226,62 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
     if not quiet:
         click.echo(f"hookviz: wrote feature maps of {len(names)} layer(s) under {out_dir}/", err=True)
     sys.exit(code)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-c", "--class", "class_values", multiple=True, metavar="C",
+              help="Class to explain: an index or a label name (repeatable; default: the top-1 prediction).")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Explain the K most probable classes.")
+@click.option("-m", "--method", default="gradcam", show_default=True,
+              type=click.Choice(["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam", "cam"]))
+@click.option("-l", "--layer", "layer_name", metavar="NAME", help="Target layer (default: the last spatial layer; see 'hookviz layers').")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Heatmap opacity.")
+@click.option("--cmap", default="jet", show_default=True, help="A matplotlib colormap name.")
+@click.option("--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1].")
+@apply(MODEL_OPTIONS)
+@apply(IMAGE_OPTIONS)
+@reports_errors
+def gradcam(model: str, images: tuple[str, ...], class_values: tuple[str, ...], top_k: int, method: str,
+            layer_name: str | None, alpha: float, cmap: str, save_raw: bool, out_dir: Path, crop: bool,
+            batch_size: int, as_json: bool, quiet: bool, **options: Any) -> None:
+    """Write CAM heatmap overlays: DIR/<image-stem>/<method>_<layer>_c<class>.png.
+
+    Overlays have the original image's size; with --crop, what the model did not see is dimmed.
+
+    \b
+    Examples:
+      hookviz gradcam resnet50 cat.jpg                       # top-1 class, Grad-CAM
+      hookviz gradcam resnet50 cat.jpg --class "tabby" -m gradcam++
+      hookviz gradcam model.pt2 photos/ --top-k 3 --json | jq .predictions
+    """
+    from .errors import UsageError
+    from .explain import CamOptions, write_cams
+    from .hooks import resolve_layers
+    from .images import collect_inputs
+    from .layers import trace_layers
+    from .output import prepare_output_dir
+    from .pipeline import run_batches
+    from .render import colormap_lut
+
+    if class_values and top_k != 1:
+        raise UsageError("give either --class or --top-k, not both")
+    loaded = _load(model, options, quiet)
+    classes = [loaded.class_index(value) for value in class_values]
+    if layer_name is None:
+        layer_name = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device).default_cam_layer()
+        if layer_name is None:
+            raise UsageError("the model has no layer with a spatial output to explain; name one with -l")
+        if not quiet:
+            click.echo(f"hookviz: layer: {layer_name} (default; choose another with -l)", err=True)
+    resolve_layers(loaded.module, [layer_name])
+    colormap_lut(cmap)
+    paths = collect_inputs(images)
+    cam_options = CamOptions(out_dir=prepare_output_dir(out_dir), layer=layer_name, method=method, classes=classes,
+                             top_k=top_k, alpha=alpha, cmap=cmap, save_raw=save_raw, score_batch_size=batch_size)
+    records = run_batches(paths, loaded, lambda batch: write_cams(loaded, batch, cam_options), crop=crop, batch_size=batch_size)
+    code = _report(records, as_json)
+    if not quiet:
+        click.echo(f"hookviz: wrote {method} overlays under {out_dir}/", err=True)
+    sys.exit(code)

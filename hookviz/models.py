@@ -74,6 +74,20 @@ class LoadedModel:
             return self.labels[class_index]
         return f"class {class_index}"
 
+    def class_index(self, value: str | int) -> int:
+        """A class given as an index (``243``) or a label (``"bull mastiff"``, case-insensitive)."""
+        text = str(value).strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        if self.labels is None:
+            raise UsageError(f"--class {text!r}: this model has no class names; give an index, or names with --labels")
+        folded = [name.lower() for name in self.labels]
+        if text.lower() in folded:
+            return folded.index(text.lower())
+        hint = difflib.get_close_matches(text.lower(), folded, n=3, cutoff=0.6)
+        suggestion = f"; did you mean {', '.join(repr(self.labels[folded.index(h)]) for h in hint)}?" if hint else ""
+        raise UsageError(f"--class {text!r} is not a class name of this model{suggestion}")
+
     def logits(self, output: Any) -> torch.Tensor:
         """The class scores in a model's output (a tensor, a tuple or a dict)."""
         return select_logits(output, self.output_key)

@@ -1,0 +1,33 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision builds that install from local disk on this machine (pyproject keeps open ranges for users).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+INSTALLED := $(VENV)/.installed
+DEMO_MODEL := out/efficientnet_lite0.pt2
+DEMO_OUT := out/demo
+
+.PHONY: demo test install clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PINS)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,demo]'
+	touch $@
+
+$(DEMO_MODEL): $(INSTALLED) hookviz/demo.py
+	$(BIN)/python -m hookviz.demo $@
+
+demo: $(DEMO_MODEL)
+	$(BIN)/hookviz fmaps $(DEMO_MODEL) sample_images -o $(DEMO_OUT) \
+		-l _conv_stem -l _blocks.3._expand_conv -l _blocks.8._expand_conv -l _conv_head > /dev/null
+	@echo "demo: feature-map grids written under $(DEMO_OUT)/<image>/fmap_<layer>.png"
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf out .pytest_cache
