@@ -51,17 +51,17 @@ class ModelTrace:
     finish_order: list[str]  # module names in the order their last call returned
 
     def default_cam_layer(self) -> str | None:
-        """The last module to finish with a spatial output, before global pooling.
+        """The module whose spatial output comes last, just before global pooling.
 
-        Modules that run once are preferred: a shared activation module (one ReLU
-        called by every block) would be ambiguous. A container (``layer4``) wins over
-        its last child because it finishes after it, which is the usual choice.
+        Finish order makes a container (``layer4``) win over its last child. A
+        shared activation module (one ReLU6 applied after every block) can be the
+        answer: capture keeps its last call, which is the final activation, and
+        post-activation maps are what CAMs need (a pre-activation BatchNorm output
+        is mostly negative and leaves Score-CAM and CAM blank).
         """
         by_name = {info.name: info for info in self.layers}
         spatial = [name for name in self.finish_order if by_name[name].is_spatial]
-        once = [name for name in spatial if by_name[name].calls == 1]
-        candidates = once or spatial
-        return candidates[-1] if candidates else None
+        return spatial[-1] if spatial else None
 
 
 def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> ModelTrace:
