@@ -7,6 +7,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 INSTALLED := $(VENV)/.installed
 DEMO_MODEL := out/efficientnet_lite0.pt2
 DEMO_OUT := out/demo
+# The photos at the top of sample_images/ (outputs/ holds the README's pictures).
+SAMPLES := $(wildcard sample_images/*.jpg sample_images/*.png)
 
 .PHONY: demo test install clean
 
@@ -22,9 +24,11 @@ $(DEMO_MODEL): $(INSTALLED) hookviz/demo.py
 	$(BIN)/python -m hookviz.demo $@
 
 demo: $(DEMO_MODEL)
-	$(BIN)/hookviz fmaps $(DEMO_MODEL) sample_images -o $(DEMO_OUT) \
+	$(BIN)/hookviz fmaps $(DEMO_MODEL) $(SAMPLES) -o $(DEMO_OUT) -q \
 		-l _conv_stem -l _blocks.3._expand_conv -l _blocks.8._expand_conv -l _conv_head > /dev/null
-	@echo "demo: feature-map grids written under $(DEMO_OUT)/<image>/fmap_<layer>.png"
+	$(BIN)/hookviz gradcam $(DEMO_MODEL) $(SAMPLES) --labels imagenet --top-k 2 -o $(DEMO_OUT) -q > /dev/null
+	@echo "demo: feature-map grids in $(DEMO_OUT)/<image>/fmap_<layer>.png"
+	@echo "demo: Grad-CAM overlays (top-2 classes) in $(DEMO_OUT)/<image>/gradcam__swish_c<class>.png"
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
