@@ -89,6 +89,13 @@ IMAGE_OPTIONS = [
     click.option("-q", "--quiet", is_flag=True, help="No messages on stderr except errors."),
 ]
 
+CLASS_OPTIONS = [
+    click.option("-c", "--class", "class_values", multiple=True, metavar="C",
+                 help="Class to explain: an index or a label name (repeatable; default: the top-1 prediction)."),
+    click.option("-k", "--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Explain the K most probable classes."),
+    click.option("-l", "--layer", "layer_name", metavar="NAME", help="Target layer (default: the last spatial layer; see 'hookviz layers')."),
+]
+
 
 def apply(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     def decorator(function: Any) -> Any:
@@ -231,12 +238,9 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
 @main.command()
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
-@click.option("-c", "--class", "class_values", multiple=True, metavar="C",
-              help="Class to explain: an index or a label name (repeatable; default: the top-1 prediction).")
-@click.option("-k", "--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Explain the K most probable classes.")
+@apply(CLASS_OPTIONS)
 @click.option("-m", "--method", default="gradcam", show_default=True,
               type=click.Choice(["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam", "eigencam", "cam"]))
-@click.option("-l", "--layer", "layer_name", metavar="NAME", help="Target layer (default: the last spatial layer; see 'hookviz layers').")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Heatmap opacity.")
 @click.option("--cmap", default="jet", show_default=True, help="A matplotlib colormap name.")
 @click.option("--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1].")
@@ -256,14 +260,30 @@ def gradcam(model: str, images: tuple[str, ...], class_values: tuple[str, ...], 
       hookviz gradcam resnet50 cat.jpg --class "tabby" -m gradcam++
       hookviz gradcam model.pt2 photos/ --top-k 3 --json | jq .predictions
     """
-    from .errors import UsageError
     from .explain import CamOptions, write_cams
-    from .hooks import resolve_layers
     from .images import collect_inputs
-    from .layers import trace_layers
     from .output import prepare_output_dir
     from .pipeline import run_batches
     from .render import colormap_lut
+
+    loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, quiet)
+    colormap_lut(cmap)
+    paths = collect_inputs(images)
+    cam_options = CamOptions(out_dir=prepare_output_dir(out_dir), layer=layer_name, method=method, classes=classes,
+                             top_k=top_k, alpha=alpha, cmap=cmap, save_raw=save_raw, score_batch_size=batch_size)
+    records = run_batches(paths, loaded, lambda batch: write_cams(loaded, batch, cam_options), crop=crop, batch_size=batch_size)
+    code = _report(records, as_json)
+    if not quiet:
+        click.echo(f"hookviz: wrote {method} overlays under {out_dir}/", err=True)
+    sys.exit(code)
+
+
+def _explain_setup(model: str, options: dict[str, Any], class_values: tuple[str, ...], top_k: int,
+                   layer_name: str | None, quiet: bool):
+    """Load the model, resolve --class values and the target layer (the default one when -l is omitted)."""
+    from .errors import UsageError
+    from .hooks import resolve_layers
+    from .layers import trace_layers
 
     if class_values and top_k != 1:
         raise UsageError("give either --class or --top-k, not both")
@@ -276,12 +296,40 @@ def gradcam(model: str, images: tuple[str, ...], class_values: tuple[str, ...], 
         if not quiet:
             click.echo(f"hookviz: layer: {layer_name} (default; choose another with -l)", err=True)
     resolve_layers(loaded.module, [layer_name])
-    colormap_lut(cmap)
+    return loaded, classes, layer_name
+
+
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@apply(CLASS_OPTIONS)
+@apply(MODEL_OPTIONS)
+@apply(IMAGE_OPTIONS)
+@reports_errors
+def guided(model: str, images: tuple[str, ...], class_values: tuple[str, ...], top_k: int, layer_name: str | None,
+           out_dir: Path, crop: bool, batch_size: int, as_json: bool, quiet: bool, **options: Any) -> None:
+    """Write guided backpropagation and guided Grad-CAM images per image and class.
+
+    DIR/<image-stem>/guided_c<class>.png and guided-gradcam_<layer>_c<class>.png,
+    at the original image's size. Needs a model with ReLU modules.
+
+    \b
+    Examples:
+      hookviz guided resnet50 cat.jpg
+      hookviz guided resnet50 cat.jpg --class "tabby" -l layer3
+    """
+    from .explain import CamOptions, write_guided
+    from .images import collect_inputs
+    from .output import prepare_output_dir
+    from .pipeline import run_batches
+
+    loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, quiet)
     paths = collect_inputs(images)
-    cam_options = CamOptions(out_dir=prepare_output_dir(out_dir), layer=layer_name, method=method, classes=classes,
-                             top_k=top_k, alpha=alpha, cmap=cmap, save_raw=save_raw, score_batch_size=batch_size)
-    records = run_batches(paths, loaded, lambda batch: write_cams(loaded, batch, cam_options), crop=crop, batch_size=batch_size)
+    guided_options = CamOptions(out_dir=prepare_output_dir(out_dir), layer=layer_name, classes=classes, top_k=top_k)
+    records = run_batches(paths, loaded, lambda batch: write_guided(loaded, batch, guided_options), crop=crop, batch_size=batch_size)
     code = _report(records, as_json)
     if not quiet:
-        click.echo(f"hookviz: wrote {method} overlays under {out_dir}/", err=True)
+        click.echo(f"hookviz: wrote guided backpropagation images under {out_dir}/", err=True)
     sys.exit(code)

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from PIL import Image
+
 from .cams import compute_cams
 from .images import image_to_tensor
 from .models import LoadedModel
@@ -38,10 +41,7 @@ def write_cams(loaded: LoadedModel, batch: list[PreparedImage], options: CamOpti
     probabilities = result.probabilities.float().cpu()
     records = []
     for b, item in enumerate(batch):
-        top = probabilities[b].topk(min(options.predictions, probabilities.shape[1]))
-        record = Record(input=str(item.path), extra={"predictions": [
-            {"class": int(c), "label": loaded.label(int(c)), "score": round(float(p), 6)} for p, c in zip(top.values, top.indices)
-        ]})
+        record = Record(input=str(item.path), extra={"predictions": _predictions(loaded, probabilities[b], options.predictions)})
         original = image_to_tensor(item.image)
         for k, class_index in enumerate(result.classes[b].tolist()):
             heat, seen = heat_in_image(maps[b, k], item.view.box, item.image.size)
@@ -60,3 +60,47 @@ def write_cams(loaded: LoadedModel, batch: list[PreparedImage], options: CamOpti
             record.outputs.append(output)
         records.append(record)
     return records
+
+
+def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Image:
+    """A guided gradient (3, h, w) drawn over the part of the original image the model saw; grey elsewhere."""
+    from .guided import gradient_image
+
+    pixels = gradient_image(gradient.float().cpu())
+    channels, seen = [], None
+    for channel in pixels:
+        placed, seen = heat_in_image(channel, item.view.box, item.image.size)
+        channels.append(placed)
+    picture = torch.stack(channels)
+    picture = torch.where(seen, picture, torch.full_like(picture, 0.5))
+    return to_pil((picture * 255).round().clamp(0, 255).to(torch.uint8))
+
+
+def write_guided(loaded: LoadedModel, batch: list[PreparedImage], options: CamOptions) -> list[Record]:
+    """Guided backprop and guided Grad-CAM images per (image, class), at the original's resolution."""
+    from .guided import compute_guided
+
+    result = compute_guided(loaded.module, model_batch(batch, loaded), layer=options.layer, classes=options.classes,
+                            top_k=options.top_k, output_key=loaded.output_key)
+    probabilities = result.probabilities.float().cpu()
+    records = []
+    for b, item in enumerate(batch):
+        record = Record(input=str(item.path), extra={"predictions": _predictions(loaded, probabilities[b], options.predictions)})
+        for k, class_index in enumerate(result.classes[b].tolist()):
+            label, probability = loaded.label(class_index), float(probabilities[b, class_index])
+            for method, gradients in (("guided", result.guided), ("guided-gradcam", result.guided_gradcam)):
+                picture = _gradient_picture(gradients[b, k], item)
+                draw_caption(picture, f"{label} {probability:.1%} | {method}" + (f" @ {options.layer}" if method != "guided" else ""))
+                name = f"{method}_c{class_index}" if method == "guided" else f"{method}_{safe_name(options.layer)}_c{class_index}"
+                metadata = {"hookviz:method": method, "hookviz:layer": options.layer, "hookviz:class": str(class_index),
+                            "hookviz:label": label, "hookviz:probability": f"{probability:.6f}", "hookviz:input": str(item.path)}
+                record.outputs.append({"kind": "guided", "method": method, "layer": options.layer, "class": class_index,
+                                       "label": label, "score": round(probability, 6),
+                                       "png": str(write_png(picture, options.out_dir / item.stem / f"{name}.png", metadata))})
+        records.append(record)
+    return records
+
+
+def _predictions(loaded: LoadedModel, probabilities: torch.Tensor, count: int) -> list[dict]:
+    top = probabilities.topk(min(count, probabilities.shape[0]))
+    return [{"class": int(c), "label": loaded.label(int(c)), "score": round(float(p), 6)} for p, c in zip(top.values, top.indices)]

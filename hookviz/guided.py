@@ -1,0 +1,101 @@
+"""Guided backpropagation (Springenberg et al.) and guided Grad-CAM (Selvaraju et al.).
+
+Guided backprop lets only positive gradients flow back through each ReLU (on top
+of ReLU's own rule, which passes gradients only where its input was positive).
+The rule is attached with forward hooks on the ReLU modules, which live for one
+call: the model itself is never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .cams import batched_gradients, choose_classes, compute_cams
+from .errors import UsageError
+from .hooks import preserved_state, run_model
+from .models import select_logits
+
+_RELU_OPS = ("aten.relu", "aten.relu_", "aten.relu6", "aten.hardtanh", "aten.hardtanh_")
+
+
+class _PositiveGradientsOnly(torch.autograd.Function):
+    """Identity forward; backward keeps only positive gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> torch.Tensor:
+        return gradient.clamp(min=0)
+
+
+def is_relu_module(module: nn.Module) -> bool:
+    """nn.ReLU / nn.ReLU6, or an unflattened torch.export module that is only a ReLU."""
+    if isinstance(module, (nn.ReLU, nn.ReLU6)):
+        return True
+    graph = getattr(module, "graph", None)
+    if graph is None or any(True for _ in module.parameters(recurse=False)):
+        return False
+    calls = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    return len(calls) == 1 and calls[0].startswith(_RELU_OPS)
+
+
+def _guided_hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+    return _PositiveGradientsOnly.apply(output) if isinstance(output, torch.Tensor) else None
+
+
+def guided_backprop(model: nn.Module, batch: torch.Tensor, classes: torch.Tensor | None = None,
+                    *, top_k: int = 1, output_key: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Guided-backprop gradients of each image's class scores w.r.t. the input.
+
+    Returns (gradients (B, K, 3, H, W), classes (B, K), probabilities (B, num_classes)).
+    """
+    relus = [module for module in model.modules() if is_relu_module(module)]
+    if not relus:
+        raise UsageError("guided backpropagation needs ReLU modules (nn.ReLU/ReLU6) and this model has none; use gradcam")
+    handles = []
+    try:
+        with preserved_state(model), torch.enable_grad():
+            handles = [module.register_forward_hook(_guided_hook) for module in relus]
+            inputs = batch.detach().clone().requires_grad_(True)
+            logits = select_logits(run_model(model, inputs), output_key)
+            chosen = classes if classes is not None else choose_classes(logits.detach(), None, top_k)
+            gradients = batched_gradients(logits.gather(1, chosen), inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gradients.detach(), chosen, logits.detach().softmax(dim=1)
+
+
+def gradient_image(gradient: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) input gradient as a viewable image in [0, 1]: centred, scaled by its spread, grey = zero."""
+    centred = gradient - gradient.mean()
+    scaled = centred / (centred.std() + 1e-7) * 0.15 + 0.5
+    return scaled.clamp(0, 1)
+
+
+@dataclass
+class GuidedBatch:
+    guided: torch.Tensor  # (B, K, 3, H, W) guided-backprop gradients at the model's input resolution
+    guided_gradcam: torch.Tensor  # (B, K, 3, H, W) the same, weighted by the upsampled Grad-CAM map
+    classes: torch.Tensor
+    probabilities: torch.Tensor
+
+
+def compute_guided(model: nn.Module, batch: torch.Tensor, *, layer: str, classes: Sequence[int] | None = None,
+                   top_k: int = 1, output_key: str | None = None) -> GuidedBatch:
+    """Guided backprop and guided Grad-CAM for the same classes."""
+    cams = compute_cams(model, batch, layer=layer, method="gradcam", classes=classes, top_k=top_k, output_key=output_key)
+    guided, chosen, probabilities = guided_backprop(model, batch, cams.classes, output_key=output_key)
+    from .render import normalize_map, resize_map
+
+    maps = normalize_map(cams.maps)
+    upsampled = torch.stack([
+        torch.stack([resize_map(maps[b, k], tuple(batch.shape[-2:])) for k in range(maps.shape[1])]) for b in range(maps.shape[0])
+    ])
+    return GuidedBatch(guided=guided, guided_gradcam=guided * upsampled[:, :, None], classes=chosen, probabilities=probabilities)
