@@ -135,7 +135,9 @@ def batched_gradients(scores: torch.Tensor, activation: torch.Tensor) -> torch.T
         return gradient[:, None]
     selectors = torch.eye(k, device=scores.device, dtype=scores.dtype)[:, None, :].expand(k, batch, k)
     try:
-        (gradient,) = torch.autograd.grad(scores, activation, grad_outputs=selectors, is_grads_batched=True)
+        # retain_graph: if vmap fails part-way, the per-class fallback below still needs the graph.
+        (gradient,) = torch.autograd.grad(scores, activation, grad_outputs=selectors, is_grads_batched=True,
+                                          retain_graph=True)
     except RuntimeError:  # an op without a batching rule: one backward pass per class instead
         gradient = torch.stack([
             torch.autograd.grad(scores[:, j].sum(), activation, retain_graph=j < k - 1)[0] for j in range(k)

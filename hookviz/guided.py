@@ -60,7 +60,7 @@ def guided_backprop(model: nn.Module, batch: torch.Tensor, classes: torch.Tensor
         raise UsageError("guided backpropagation needs ReLU modules (nn.ReLU/ReLU6) and this model has none; use gradcam")
     handles = []
     try:
-        with preserved_state(model), torch.enable_grad():
+        with torch.inference_mode(False), preserved_state(model), torch.enable_grad():
             handles = [module.register_forward_hook(_guided_hook) for module in relus]
             inputs = batch.detach().clone().requires_grad_(True)
             logits = select_logits(run_model(model, inputs), output_key)

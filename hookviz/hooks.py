@@ -19,7 +19,7 @@ Three things other tools get wrong, handled here:
 from __future__ import annotations
 
 import difflib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -69,7 +69,8 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Put ``model`` in eval mode for the block; restore every module's mode and every ``.grad`` after."""
     modes = [(module, module.training) for module in model.modules()]
-    grads = [(param, param.grad) for param in model.parameters()]
+    # Copies, not references: a backward pass inside the block would accumulate into the same tensors.
+    grads = [(param, None if param.grad is None else param.grad.clone()) for param in model.parameters()]
     if eval_mode:
         model.eval()
     try:
@@ -110,8 +111,10 @@ def capture(model: nn.Module, layers: Sequence[str], *, grad: bool = False, eval
 
     handles = []
     grad_mode = torch.is_grad_enabled()
+    # Inside a caller's torch.inference_mode() no tensor can require grad; lift it for this block.
+    inference_off = torch.inference_mode(False) if grad else nullcontext()
     try:
-        with preserved_state(model, eval_mode=eval_mode):
+        with inference_off, preserved_state(model, eval_mode=eval_mode):
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name)))
             # Each forward pass starts without autograd (a second call in the block must not record everything).
@@ -140,14 +143,30 @@ def run_model(model: nn.Module, batch: torch.Tensor) -> Any:
 
 
 def _replace_tensor(output: Any, replacement: torch.Tensor) -> Any:
-    """``output`` with its first tensor replaced (tuples and lists keep their other items)."""
+    """``output`` with the tensor ``first_tensor`` finds replaced; containers are rebuilt, other items kept."""
+    replaced, _ = _replace_first(output, replacement)
+    return replaced
+
+
+def _replace_first(output: Any, replacement: torch.Tensor) -> tuple[Any, bool]:
     if isinstance(output, torch.Tensor):
-        return replacement
+        return replacement, True
+    if isinstance(output, dict):
+        items = dict(output)
+        for key, value in items.items():
+            new, done = _replace_first(value, replacement)
+            if done:
+                items[key] = new
+                return (type(output)(items) if type(output) is not dict else items), True
+        return output, False
     if isinstance(output, (tuple, list)):
         items = list(output)
-        for index, item in enumerate(items):
-            if isinstance(item, torch.Tensor):
-                items[index] = replacement
-                return type(output)(items) if isinstance(output, list) else tuple(items)
-        return output
-    return None  # dicts and other containers pass through unchanged
+        for index, value in enumerate(items):
+            new, done = _replace_first(value, replacement)
+            if done:
+                items[index] = new
+                if isinstance(output, list):
+                    return items, True
+                return (type(output)(*items) if hasattr(output, "_fields") else tuple(items)), True
+        return output, False
+    return output, False

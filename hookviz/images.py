@@ -89,8 +89,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited over white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = _high_bit_depth_to_l(image)
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        image = image.convert("RGBA")  # a palette or colour-key transparency (PNG tRNS)
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = image.convert("RGB")
     if image.mode in ("LA", "PA", "La"):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "RGBa"):

@@ -249,7 +249,7 @@ def _torchvision_weights(name: str, weights: str) -> Any:
     try:
         return enum[member]
     except KeyError:
-        choices = ", ".join(["DEFAULT", *enum.__members__, "none"])
+        choices = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__, "none"]))  # DEFAULT is also an alias member
         raise UsageError(f"--weights {weights!r} is not a weight set of {name}; choose one of: {choices}") from None
 
 
