@@ -167,7 +167,7 @@ def layers(model: str, as_json: bool, show_all: bool, **options: Any) -> None:
     from .layers import trace_layers
 
     loaded = _load(model, options, quiet=as_json)
-    trace = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device)
+    trace = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device, batch=loaded.fixed_batch or 1)
     cam_layer = trace.default_cam_layer()
     rows = [info for info in trace.layers if show_all or info.output_shape is not None]
     if as_json:
@@ -226,7 +226,8 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
     colormap_lut(cmap)  # an unknown colormap fails before any work
     paths = collect_inputs(images)
     fmap_options = FmapOptions(out_dir=prepare_output_dir(out_dir), layers=names, max_channels=max_channels,
-                               cmap=cmap, save_raw=save_raw, label_channels=not no_index)
+                               cmap=cmap, save_raw=save_raw, label_channels=not no_index,
+                               layers_named=bool(layer_names))
     records = run_batches(paths, loaded, lambda batch: write_feature_maps(loaded, batch, fmap_options),
                           crop=crop, batch_size=batch_size)
     code = _report(records, as_json)
@@ -290,7 +291,8 @@ def _explain_setup(model: str, options: dict[str, Any], class_values: tuple[str,
     loaded = _load(model, options, quiet)
     classes = [loaded.class_index(value) for value in class_values]
     if layer_name is None:
-        layer_name = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device).default_cam_layer()
+        layer_name = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device,
+                                  batch=loaded.fixed_batch or 1).default_cam_layer()
         if layer_name is None:
             raise UsageError("the model has no layer with a spatial output to explain; name one with -l")
         if not quiet:

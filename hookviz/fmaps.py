@@ -85,13 +85,15 @@ class FmapOptions:
     cmap: str = "viridis"
     save_raw: bool = False
     label_channels: bool = True
+    layers_named: bool = True  # False for the default "every Conv2d": convs that do not run (training-only heads) are skipped
 
 
 def write_feature_maps(loaded: LoadedModel, batch: list[PreparedImage], options: FmapOptions) -> list[Record]:
     """Capture every requested layer for a batch in one forward pass; write one grid per (image, layer)."""
     with capture(loaded.module, options.layers) as activations:
         run_model(loaded.module, model_batch(batch, loaded))
-    for layer in options.layers:
+    layers = [layer for layer in options.layers if options.layers_named or layer in activations]
+    for layer in layers:
         found = activations.get(layer)
         if found is None:
             raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
@@ -100,7 +102,7 @@ def write_feature_maps(loaded: LoadedModel, batch: list[PreparedImage], options:
     records = []
     for index, item in enumerate(batch):
         record = Record(input=str(item.path))
-        for layer in options.layers:
+        for layer in layers:
             activation = activations[layer][index]
             grid = feature_grid(activation, max_channels=options.max_channels, cmap=options.cmap,
                                 label_channels=options.label_channels)

@@ -64,10 +64,11 @@ class ModelTrace:
         return spatial[-1] if spatial else None
 
 
-def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> ModelTrace:
+def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu",
+                 batch: int = 1) -> ModelTrace:
     """Run one dummy forward and describe every module, in ``named_modules()`` order."""
     modules = [(name, module) for name, module in model.named_modules() if name]
-    dummy = torch.zeros(1, 3, *input_size, device=device)
+    dummy = torch.zeros(batch, 3, *input_size, device=device)
     with capture(model, [name for name, _ in modules]) as activations:
         run_model(model, dummy)
     infos = []

@@ -68,6 +68,7 @@ class LoadedModel:
     labels: list[str] | None
     device: torch.device
     output_key: str | None = None
+    fixed_batch: int | None = None  # a .pt2 exported without a dynamic batch dimension takes exactly this batch size
 
     def label(self, class_index: int) -> str:
         if self.labels is not None and 0 <= class_index < len(self.labels):
@@ -431,15 +432,28 @@ def _load_exported(path: Path) -> LoadedModel:
         raise UsageError(f"cannot load {path} as a torch.export program ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     # unflatten keeps the module tree (named_modules), so forward hooks and gradients work.
     module = torch.export.unflatten(program)
-    size = _exported_input_size(program)
+    shape = _exported_input_shape(program)
+    size = None if shape is None or not all(isinstance(d, int) for d in shape[2:]) else (int(shape[2]), int(shape[3]))
     preprocessing = _default_preprocessing() if size is None else Preprocessing(
         input_size=size, resize_size=round(min(size) * RESIZE_TO_CROP_RATIO)
     )
-    return _loaded(module, str(path), f"torch.export program {path}", preprocessing)
+    loaded = _loaded(module, str(path), f"torch.export program {path}", preprocessing)
+    if shape is not None and isinstance(shape[0], int):
+        loaded.fixed_batch = int(shape[0])
+        loaded.description += f" (fixed batch size {loaded.fixed_batch})"
+    return loaded
 
 
 def _exported_input_size(program: Any) -> tuple[int, int] | None:
     """(H, W) of the program's image input when it is fixed, else None."""
+    shape = _exported_input_shape(program)
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return int(shape[2]), int(shape[3])
+
+
+def _exported_input_shape(program: Any) -> tuple[Any, ...] | None:
+    """The shape of the program's 4-D image input: ints where fixed, symbols where dynamic."""
     for node in program.graph.nodes:
         if node.op != "placeholder":
             continue
@@ -447,8 +461,8 @@ def _exported_input_size(program: Any) -> tuple[int, int] | None:
         if spec is None or spec.kind.name != "USER_INPUT":
             continue
         value = node.meta.get("val")
-        if value is not None and value.dim() == 4 and all(isinstance(d, int) for d in value.shape[2:]):
-            return int(value.shape[2]), int(value.shape[3])
+        if value is not None and value.dim() == 4:
+            return tuple(value.shape)
     return None
 
 

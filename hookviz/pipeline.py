@@ -62,6 +62,8 @@ def run_batches(
 ) -> Iterator[Record]:
     """Prepare images in batches, hand each batch to ``process``, yield one record per input in order."""
     stems = output_stems(paths)
+    if loaded.fixed_batch is not None:  # a .pt2 exported with a static batch dimension
+        batch_size = min(batch_size, loaded.fixed_batch)
     slots: list[PreparedImage | Record] = []  # input order: a prepared image, or the record of its failure
 
     def flush() -> Iterator[Record]:

@@ -1,0 +1,262 @@
+"""Shared fixtures: real image files of every kind, and small models saved in every form hookviz loads.
+
+Nothing here downloads anything: torchvision models are always built with random weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+# Tiny models and inputs gain nothing from intra-op threads, and on a small shared machine two threads
+# contending can make a resnet18 forward pass 30x slower than one.
+torch.set_num_threads(1)
+
+# Every decodable test image is IMAGE_W x IMAGE_H (non-square on purpose) unless it says otherwise.
+IMAGE_W, IMAGE_H = 64, 48
+RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (30, 40, 220)
+
+# Source of a small importable model module. Written to disk by the fixtures below, because a pickled
+# module and a `package.module:callable` MODEL both need a real module that Python can import by name.
+TESTNETS_SOURCE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class TinyConvNet(nn.Module):
+        def __init__(self, num_classes=5):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(6, num_classes)
+
+        def forward(self, x):
+            x = self.relu(self.conv1(x))
+            x = self.conv2(x)
+            return self.head(self.pool(x).flatten(1))
+
+
+    def build():
+        return TinyConvNet()
+    """
+)
+
+
+def _halves(left: tuple[int, ...], right: tuple[int, ...], mode: str = "RGB") -> Image.Image:
+    """An IMAGE_W x IMAGE_H image: the left half one colour, the right half another."""
+    image = Image.new(mode, (IMAGE_W, IMAGE_H), right)
+    image.paste(Image.new(mode, (IMAGE_W // 2, IMAGE_H), left), (0, 0))
+    return image
+
+
+@pytest.fixture(scope="session")
+def image_size() -> tuple[int, int]:
+    """(width, height) of the images written by ``tmp_images``."""
+    return IMAGE_W, IMAGE_H
+
+
+@pytest.fixture
+def tmp_images(tmp_path: Path) -> dict[str, Path]:
+    """Write one file of every kind into tmp_path/images and return {kind: path}.
+
+    Decodable kinds, all IMAGE_W x IMAGE_H before orientation:
+
+    * ``rgb_jpeg``: left half RED, right half BLUE
+    * ``gray_png``: mode L, left half 40, right half 200
+    * ``rgba_png``: left half fully transparent (black underneath), right half opaque GREEN
+    * ``palette_png``: mode P, left half RED, right half BLUE, no transparency
+    * ``palette_transparent_png``: mode P, left half the transparent index, right half BLUE
+    * ``gray16_png``: mode I;16, columns 0-20 = 65535, 21-41 = 32768, 42- = 0
+    * ``webp`` (lossless), ``bmp``, ``tiff``: left half RED, right half BLUE
+    * ``cmyk_jpeg``: mode CMYK, all (0, 255, 255, 0), i.e. pure red
+    * ``animated_gif``: frame 1 all RED, frame 2 all BLUE
+    * ``exif_rotated_jpeg``: stored 64x48 with its left quarter RED and the rest BLUE,
+      EXIF orientation 6 ("rotate 90 degrees clockwise to display")
+
+    Broken kinds: ``truncated_jpeg`` (first half of a valid JPEG's bytes), ``empty_png`` (zero
+    bytes), ``fake_jpeg`` (a text file named fake.jpg).
+    """
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths: dict[str, Path] = {}
+
+    def save(kind: str, name: str, image: Image.Image, **options) -> None:
+        paths[kind] = folder / name
+        image.save(paths[kind], **options)
+
+    save("rgb_jpeg", "photo.jpg", _halves(RED, BLUE), quality=95)
+    save("gray_png", "gray.png", _halves((40,), (200,), "L"))
+
+    rgba = Image.new("RGBA", (IMAGE_W, IMAGE_H), GREEN + (255,))
+    rgba.paste(Image.new("RGBA", (IMAGE_W // 2, IMAGE_H), (0, 0, 0, 0)), (0, 0))
+    save("rgba_png", "rgba.png", rgba)
+
+    palette = _halves(RED, BLUE).quantize(colors=4)
+    save("palette_png", "palette.png", palette)
+
+    # Palette index 0 = black (transparent), 1 = BLUE.
+    indices = np.ones((IMAGE_H, IMAGE_W), np.uint8)
+    indices[:, : IMAGE_W // 2] = 0
+    palette_t = Image.fromarray(indices, mode="P")
+    palette_t.putpalette([0, 0, 0, *BLUE] + [0, 0, 0] * 254)
+    save("palette_transparent_png", "palette_t.png", palette_t, transparency=0)
+
+    sixteen = np.zeros((IMAGE_H, IMAGE_W), np.uint16)
+    sixteen[:, :21] = 65535
+    sixteen[:, 21:42] = 32768
+    save("gray16_png", "gray16.png", Image.fromarray(sixteen))
+
+    save("webp", "picture.webp", _halves(RED, BLUE), lossless=True)
+    save("bmp", "picture.bmp", _halves(RED, BLUE))
+    save("tiff", "picture.tiff", _halves(RED, BLUE))
+    save("cmyk_jpeg", "cmyk.jpg", Image.new("CMYK", (IMAGE_W, IMAGE_H), (0, 255, 255, 0)), quality=95)
+
+    frames = [Image.new("RGB", (IMAGE_W, IMAGE_H), RED), Image.new("RGB", (IMAGE_W, IMAGE_H), BLUE)]
+    save("animated_gif", "animated.gif", frames[0], save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+    stored = Image.new("RGB", (IMAGE_W, IMAGE_H), BLUE)
+    stored.paste(Image.new("RGB", (IMAGE_W // 4, IMAGE_H), RED), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW
+    save("exif_rotated_jpeg", "rotated.jpg", stored, exif=exif, quality=95)
+
+    # A JPEG with plenty of entropy-coded data, cut in half.
+    noise = np.random.default_rng(0).integers(0, 256, (IMAGE_H * 4, IMAGE_W * 4, 3), dtype=np.uint8)
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(noise).save(whole, quality=95)
+    data = whole.read_bytes()
+    paths["truncated_jpeg"] = folder / "truncated.jpg"
+    paths["truncated_jpeg"].write_bytes(data[: len(data) // 2])
+
+    paths["empty_png"] = folder / "empty.png"
+    paths["empty_png"].write_bytes(b"")
+    paths["fake_jpeg"] = folder / "fake.jpg"
+    paths["fake_jpeg"].write_text("this is not a JPEG, just text\n")
+    return paths
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def testnets_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Write ``hv_testnets.py`` (TinyConvNet, build) into tmp_path, make it importable, return the module."""
+    folder = tmp_path / "helpers"
+    folder.mkdir()
+    (folder / "hv_testnets.py").write_text(TESTNETS_SOURCE)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "hv_testnets", raising=False)
+    module = importlib.import_module("hv_testnets")
+    yield module
+    sys.modules.pop("hv_testnets", None)
+
+
+def _resnet18(num_classes: int = 1000, seed: int = 0) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(weights=None, num_classes=num_classes).eval()
+
+
+@pytest.fixture(scope="session")
+def resnet18_10() -> nn.Module:
+    """A torchvision resnet18 with 10 classes and seeded random weights, in eval mode."""
+    return _resnet18(num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory: pytest.TempPathFactory, resnet18_10: nn.Module) -> dict[str, Path]:
+    """The forms that need no importable class, saved once per session.
+
+    * ``state_dict``: resnet18(num_classes=10).state_dict()
+    * ``wrapped``: {"state_dict": that, "epoch": 3}
+    * ``data_parallel``: the same keys with a "module." prefix
+    * ``unknown_state_dict``: tensors that fit no torchvision architecture
+    * ``not_a_state_dict``: a list saved with torch.save
+    """
+    folder = tmp_path_factory.mktemp("models")
+    state = resnet18_10.state_dict()
+    paths = {
+        "state_dict": folder / "resnet18_10.pt",
+        "wrapped": folder / "checkpoint.pth",
+        "data_parallel": folder / "data_parallel.pt",
+        "unknown_state_dict": folder / "unknown.pt",
+        "not_a_state_dict": folder / "a_list.pt",
+    }
+    torch.save(state, paths["state_dict"])
+    torch.save({"state_dict": state, "epoch": 3}, paths["wrapped"])
+    torch.save({f"module.{key}": value for key, value in state.items()}, paths["data_parallel"])
+    torch.save({"encoder.weight": torch.randn(4, 3, 3, 3), "decoder.bias": torch.randn(4)}, paths["unknown_state_dict"])
+    torch.save([1, 2, 3], paths["not_a_state_dict"])
+    return paths
+
+
+class SmallConvNet(nn.Module):
+    """Exported with torch.export in the fixture below (the .pt2 needs no importable class)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.fixture(scope="session")
+def exported_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    """(path of a .pt2, the eager model it was exported from): 32x32 input, dynamic batch dimension."""
+    torch.manual_seed(0)
+    model = SmallConvNet().eval()
+    program = torch.export.export(
+        model, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
+    path = tmp_path_factory.mktemp("export") / "small.pt2"
+    torch.export.save(program, path)
+    return path, model
+
+
+@pytest.fixture
+def pickled_module(tmp_path: Path, testnets_module) -> tuple[Path, nn.Module]:
+    """(path, model): ``torch.save(model, path)`` of a whole TinyConvNet, whose class is importable."""
+    torch.manual_seed(1)
+    model = testnets_module.TinyConvNet().eval()
+    path = tmp_path / "whole_model.pt"
+    torch.save(model, path)
+    return path, model
+
+
+@pytest.fixture
+def torchscript_file(tmp_path: Path, testnets_module) -> Path:
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(testnets_module.TinyConvNet().eval()).save(str(path))
+    return path
+
+
+@pytest.fixture
+def callable_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A project folder holding ``mymod.py`` (with ``build()``) as the current directory.
+
+    ``sys.path`` is restored afterwards (hookviz adds the current directory to it),
+    and ``mymod`` is dropped from ``sys.modules``.
+    """
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mymod.py").write_text(TESTNETS_SOURCE)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "mymod", raising=False)
+    monkeypatch.chdir(project)
+    yield project
+    sys.modules.pop("mymod", None)

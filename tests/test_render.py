@@ -1,0 +1,139 @@
+"""Colormaps, feature-map grids and output names."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from hookviz.errors import UsageError
+from hookviz.fmaps import MIN_TILE, TILE_GAP, feature_grid
+from hookviz.output import output_stems, safe_name
+from hookviz.render import apply_colormap, colormap_lut, normalize_map
+
+
+@pytest.mark.parametrize("index", [0, 1, 64, 128, 200, 254, 255])
+def test_colormap_lut_matches_matplotlib(index):
+    # viridis is a 256-entry ListedColormap: entry i of the table is entry i of the list.
+    expected = np.round(np.asarray(matplotlib.colormaps["viridis"].colors[index]) * 255).astype(int)
+
+    lut = colormap_lut("viridis")
+
+    assert lut.shape == (256, 3) and lut.dtype == torch.uint8
+    assert lut[index].tolist() == expected.tolist()
+
+
+def test_unknown_colormap_suggests_names():
+    with pytest.raises(UsageError, match="did you mean.*viridis"):
+        colormap_lut("viridiss")
+
+
+def test_apply_colormap_maps_zero_and_one_to_the_ends():
+    values = torch.tensor([[0.0, 1.0]])
+
+    colours = apply_colormap(values, "gray")
+
+    assert colours.shape == (3, 1, 2)
+    assert colours[:, 0, 0].tolist() == [0, 0, 0]
+    assert colours[:, 0, 1].tolist() == [255, 255, 255]
+
+
+def test_feature_grid_layout():
+    activation = torch.randn(10, 7, 7, generator=torch.Generator().manual_seed(0))
+
+    grid = feature_grid(activation, label_channels=False)
+
+    # 7x7 maps are enlarged by a whole factor to at least MIN_TILE pixels; 10 tiles make a near-square
+    # grid of ceil(sqrt(10)) = 4 columns and ceil(10 / 4) = 3 rows, with TILE_GAP pixels around every tile.
+    tile = 7 * math.ceil(MIN_TILE / 7)
+    assert tile >= MIN_TILE
+    columns, rows = 4, 3
+    assert grid.image.size == (columns * tile + (columns + 1) * TILE_GAP, rows * tile + (rows + 1) * TILE_GAP)
+    assert grid.channels == list(range(10))
+    assert grid.total_channels == 10 and not grid.is_subset
+
+
+def test_feature_grid_tiles_show_their_channels():
+    activation = torch.zeros(4, 2, 2)
+    activation[1, 0, 0] = 5.0  # channel 1: one bright cell in the top-left corner
+    lut = colormap_lut("viridis")
+
+    grid = feature_grid(activation, label_channels=False)
+    pixels = np.asarray(grid.image)
+
+    tile = 2 * math.ceil(MIN_TILE / 2)
+    second_tile_left = TILE_GAP + tile + TILE_GAP  # tile 1 is in row 0, column 1
+    assert pixels[TILE_GAP + 1, second_tile_left + 1].tolist() == lut[255].tolist()  # its maximum
+    assert pixels[TILE_GAP + tile - 1, second_tile_left + tile - 1].tolist() == lut[0].tolist()  # its minimum
+    assert pixels[0, 0].tolist() == [255, 255, 255]  # the gap
+
+
+def test_feature_grid_shows_the_most_active_channels_first():
+    activation = torch.full((9, 5, 5), 0.1)
+    activation[5] = -4.0  # activity is mean |x|, so a strongly negative channel counts
+    activation[2] = 3.0
+    activation[7, :, :2] = 2.0  # mean |x| = (10 * 2.0 + 15 * 0.1) / 25 = 0.86
+
+    grid = feature_grid(activation, max_channels=3)
+
+    assert grid.channels == [5, 2, 7]
+    assert grid.total_channels == 9 and grid.is_subset
+
+
+def test_a_flat_channel_does_not_produce_nan():
+    activation = torch.randn(3, 6, 6)
+    activation[1] = 2.5  # constant: zero range
+
+    scaled = normalize_map(activation)
+    grid = feature_grid(activation, label_channels=False)
+
+    assert torch.isfinite(scaled).all()
+    assert torch.all(scaled[1] == 0)
+    assert scaled[0].min() == 0 and scaled[0].max() == 1
+    tile = 6 * math.ceil(MIN_TILE / 6)
+    middle_of_tile_1 = np.asarray(grid.image)[TILE_GAP + tile // 2, 2 * TILE_GAP + tile + tile // 2]
+    assert middle_of_tile_1.tolist() == colormap_lut("viridis")[0].tolist()
+
+
+def test_feature_grid_rejects_a_batched_activation():
+    with pytest.raises(ValueError, match=r"\(C, h, w\)"):
+        feature_grid(torch.zeros(1, 3, 4, 4))
+
+
+def test_output_stems_are_unique_for_colliding_stems():
+    paths = [Path("a/cat.jpg"), Path("b/cat.jpg"), Path("a/cat.png"), Path("a/dog.jpg")]
+
+    stems = output_stems(paths)
+
+    assert stems[Path("a/dog.jpg")] == "dog"  # no collision, no suffix
+    cats = [stems[p] for p in paths[:3]]
+    assert len(set(cats)) == 3
+    assert all(stem.startswith("cat") and stem != "cat" for stem in cats)
+    assert output_stems(paths) == stems  # the same run twice writes to the same folders
+
+
+def test_output_stems_collide_after_sanitizing_too():
+    paths = [Path("x/my photo.jpg"), Path("y/my_photo.jpg")]
+
+    stems = output_stems(paths)
+
+    assert stems[paths[0]] != stems[paths[1]]
+
+
+@pytest.mark.parametrize("text", ["../../etc/passwd", "..", ".hidden", "a\\..\\b", "layer:1/x y"])
+def test_safe_name_cannot_escape_the_output_directory(tmp_path, text):
+    name = safe_name(text)
+
+    assert name and "/" not in name and "\\" not in name
+    assert not name.startswith(".")
+    assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_safe_name_keeps_layer_names_readable():
+    assert safe_name("layer1.0.conv1") == "layer1.0.conv1"
+    assert safe_name("features.3+skip-1") == "features.3+skip-1"
+    assert len(safe_name("x" * 500)) == 120
