@@ -289,7 +289,7 @@ def _explain_setup(model: str, options: dict[str, Any], class_values: tuple[str,
     if class_values and top_k != 1:
         raise UsageError("give either --class or --top-k, not both")
     loaded = _load(model, options, quiet)
-    classes = [loaded.class_index(value) for value in class_values]
+    classes = list(dict.fromkeys(loaded.class_index(value) for value in class_values))  # a repeat would overwrite its own file
     if layer_name is None:
         layer_name = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device,
                                   batch=loaded.fixed_batch or 1).default_cam_layer()
