@@ -444,14 +444,6 @@ def _load_exported(path: Path) -> LoadedModel:
     return loaded
 
 
-def _exported_input_size(program: Any) -> tuple[int, int] | None:
-    """(H, W) of the program's image input when it is fixed, else None."""
-    shape = _exported_input_shape(program)
-    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
-        return None
-    return int(shape[2]), int(shape[3])
-
-
 def _exported_input_shape(program: Any) -> tuple[Any, ...] | None:
     """The shape of the program's 4-D image input: ints where fixed, symbols where dynamic."""
     for node in program.graph.nodes:

@@ -284,19 +284,10 @@ def test_inplace_relu_after_the_layer_does_not_change_its_activations(method):
     assert_maps_match(result.maps, expected_maps(plain, x, method, torch.tensor([[2], [2]]), layer="conv2"))
 
 
+@pytest.mark.parametrize("wrapper", [TupleOutput, DictOutput], ids=["tuple", "dict-with-logits"])
 @pytest.mark.parametrize("method", ["gradcam", "cam", "scorecam"])
-def test_model_returning_a_tuple(model, method):
-    wrapped = TupleOutput(model).eval()
-    x = random_batch(2, seed=9)
-    top1 = reference_logits(model, x).argmax(dim=1)[:, None]
-    result = compute_cams(wrapped, x, layer=f"net.{LAYER}", method=method)
-    assert torch.equal(result.classes.cpu(), top1)
-    assert_maps_match(result.maps, expected_maps(model, x, method, top1))
-
-
-@pytest.mark.parametrize("method", ["gradcam", "cam", "scorecam"])
-def test_model_returning_a_dict_uses_its_logits_entry(model, method):
-    wrapped = DictOutput(model).eval()  # {"pooled": ..., "logits": ..., "aux": ...}
+def test_model_returning_a_tuple_or_a_dict_uses_its_logits(model, method, wrapper):
+    wrapped = wrapper(model).eval()  # a tuple's first tensor, or a dict's "logits" entry
     x = random_batch(2, seed=9)
     top1 = reference_logits(model, x).argmax(dim=1)[:, None]
     result = compute_cams(wrapped, x, layer=f"net.{LAYER}", method=method)
