@@ -7,8 +7,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 INSTALLED := $(VENV)/.installed
 DEMO_MODEL := out/efficientnet_lite0.pt2
 DEMO_OUT := out/demo
-# The photos at the top of sample_images/ (outputs/ holds the README's pictures).
-SAMPLES := $(wildcard sample_images/*.jpg sample_images/*.png)
+# A folder of photos (its hidden .readme/ holds the README's pictures; folder runs skip hidden entries).
+SAMPLES := sample_images
 
 .PHONY: demo test install clean
 
@@ -24,9 +24,9 @@ $(DEMO_MODEL): $(INSTALLED) hookviz/demo.py
 	$(BIN)/python -m hookviz.demo $@
 
 demo: $(DEMO_MODEL)
-	$(BIN)/hookviz fmaps $(DEMO_MODEL) $(SAMPLES) -o $(DEMO_OUT) -q \
+	$(BIN)/hookviz fmaps $(DEMO_MODEL) $(SAMPLES) -o $(DEMO_OUT) -q --overwrite \
 		-l _conv_stem -l _blocks.3._expand_conv -l _blocks.8._expand_conv -l _conv_head > /dev/null
-	$(BIN)/hookviz gradcam $(DEMO_MODEL) $(SAMPLES) --labels imagenet --top-k 2 -o $(DEMO_OUT) -q > /dev/null
+	$(BIN)/hookviz gradcam $(DEMO_MODEL) $(SAMPLES) --labels imagenet --top-k 2 -o $(DEMO_OUT) -q --overwrite > /dev/null
 	@echo "demo: feature-map grids in $(DEMO_OUT)/<image>/fmap_<layer>.png"
 	@echo "demo: Grad-CAM overlays (top-2 classes) in $(DEMO_OUT)/<image>/gradcam__swish_c<class>.png"
 

@@ -82,12 +82,23 @@ MODEL_OPTIONS = [
 
 IMAGE_OPTIONS = [
     click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
-                 show_default=True, help="Output directory; each input gets DIR/<image-stem>/."),
+                 show_default=True, help="Output directory; each input gets DIR/<image-stem>/, and DIR/manifest.jsonl records the run."),
     click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+    click.option("--batch-size", type=click.IntRange(min=1), metavar="N", help="Images per model call (default: 8 on CPU, 32 on CUDA)."),
+    click.option("--workers", type=click.IntRange(min=0), metavar="N",
+                 help="Processes decoding images in the background (default: up to 2 for folders, 0 for a few images)."),
+    click.option("--shard", metavar="K/N", help="Process only the K-th of N slices of the sorted inputs (K from 1), e.g. for SLURM arrays."),
+    click.option("--skip-existing", is_flag=True, help="Skip inputs the manifest records as done with the same options (resume a killed run)."),
+    click.option("--overwrite", is_flag=True, help="Replace existing outputs (without it, existing outputs are an error)."),
+    click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails (default: report it and go on)."),
+    click.option("--max-pixels", type=click.IntRange(min=1), metavar="N",
+                 help="Refuse larger images as possible decompression bombs (default: Pillow's limit, about 89 million)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input on stdout (JSON Lines)."),
-    click.option("-q", "--quiet", is_flag=True, help="No messages on stderr except errors."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr, except errors."),
+    click.option("-v", "--verbose", is_flag=True, help="One line per input and a timing summary on stderr."),
 ]
+BATCH_KEYS = ("out_dir", "crop", "batch_size", "workers", "shard", "skip_existing", "overwrite", "fail_fast", "max_pixels",
+              "as_json", "quiet", "verbose")
 
 CLASS_OPTIONS = [
     click.option("-c", "--class", "class_values", multiple=True, metavar="C",
@@ -118,19 +129,94 @@ def _load(model: str, options: dict[str, Any], quiet: bool = False):
     return loaded
 
 
-def _report(records: Iterable[Any], as_json: bool) -> int:
-    """Print each record as it finishes; return the exit code (1 if any input failed)."""
-    failed = 0
-    for record in records:
-        if as_json:
-            click.echo(json.dumps(record.as_json()))
-        else:
-            for output in record.outputs:
-                click.echo(output["png"])
-        if record.status != "ok":
-            failed += 1
-            click.echo(f"hookviz: error: {record.error}", err=True)
-    return 1 if failed else 0
+def _run_images(loaded: Any, job: Any, images: tuple[str, ...], batch: dict[str, Any]) -> int:
+    """Run an image job over the inputs with progress, JSON Lines and the manifest; return the exit code."""
+    import os
+    import time
+
+    from .batch import BatchOptions, parse_shard, plan_batch
+    from .images import collect_inputs
+
+    paths = collect_inputs(images)
+    batch_size = batch["batch_size"]
+    workers = batch["workers"]
+    if workers is None:  # background decoding pays off once there is more than a batch or two to decode
+        workers = min(2, max(1, (os.cpu_count() or 1) - 1)) if len(paths) > 2 * (batch_size or 8) else 0
+    options = BatchOptions(out_dir=job.options.out_dir, batch_size=batch_size, workers=workers, crop=batch["crop"],
+                           shard=parse_shard(batch["shard"]) if batch["shard"] else None,
+                           skip_existing=batch["skip_existing"], overwrite=batch["overwrite"],
+                           max_pixels=batch["max_pixels"], argv=sys.argv[1:])
+    run = plan_batch(paths, loaded, job, options)
+    quiet, verbose, as_json = batch["quiet"], batch["verbose"] and not batch["quiet"], batch["as_json"]
+    if verbose:
+        click.echo(f"hookviz: {run.total} input(s), batch size {run.header['batch_size']}, {workers} decoding worker(s), "
+                   f"{len(run.skipped)} already done", err=True)
+    counts = {"ok": 0, "error": 0, "skipped": 0}
+    started = time.perf_counter()
+    with _progress(run.total, hidden=quiet) as progress:
+        try:
+            for number, record in enumerate(run.records, start=1):
+                counts[record.status] = counts.get(record.status, 0) + 1
+                progress.clear()
+                if as_json:
+                    click.echo(json.dumps(record.as_json()))
+                elif record.status == "ok":
+                    for output in record.outputs:
+                        click.echo(output["png"])
+                if record.status == "error":
+                    click.echo(f"hookviz: error: {record.error}", err=True)
+                elif verbose:
+                    click.echo(f"hookviz: [{number}/{run.total}] {record.input}: {record.status}, "
+                               f"{len(record.outputs)} output(s)", err=True)
+                progress.advance(time.perf_counter() - started)
+                if record.status == "error" and batch["fail_fast"]:
+                    click.echo("hookviz: stopped at the first failure (--fail-fast)", err=True)
+                    break
+        finally:
+            run.records.close()
+    elapsed = time.perf_counter() - started
+    if not quiet:
+        done = counts["ok"] + counts["error"]
+        rate = f" ({done / elapsed:.1f} images/s)" if done and elapsed > 0 else ""
+        click.echo(f"hookviz: {counts['ok']} ok, {counts['error']} failed, {counts['skipped']} skipped "
+                   f"in {elapsed:.1f} s{rate}; outputs under {options.out_dir}/", err=True)
+    if verbose:
+        click.echo(f"hookviz: time: {run.timings.as_text()}", err=True)
+    return 1 if counts["error"] else 0
+
+
+class _progress:
+    """A progress bar on stderr (images done, images/s, ETA) only when stderr is a terminal and not --quiet."""
+
+    def __init__(self, total: int, hidden: bool):
+        self.total, self.hidden, self.rate = total, hidden, 0.0
+        self.bar: Any = None
+
+    def __enter__(self) -> "_progress":
+        stderr = click.get_text_stream("stderr")
+        if not self.hidden and stderr.isatty() and self.total > 1:
+            self.bar = click.progressbar(length=self.total, label="hookviz", file=stderr, show_eta=True, show_pos=True,
+                                         item_show_func=lambda _: f"{self.rate:.1f} images/s" if self.rate else None)
+            self.bar.__enter__()
+        return self
+
+    def advance(self, elapsed: float) -> None:
+        if self.bar is not None:
+            self.rate = (self.bar.pos + 1) / elapsed if elapsed > 0 else 0.0
+            self.bar.update(1, True)
+
+    def clear(self) -> None:
+        """Erase the bar's line before other output, so lines do not mix; the next update redraws it."""
+        if self.bar is not None:
+            click.echo("\r\033[K", nl=False, err=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _batch_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {key: options.pop(key) for key in BATCH_KEYS}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -200,8 +286,7 @@ def layers(model: str, as_json: bool, show_all: bool, **options: Any) -> None:
 @apply(IMAGE_OPTIONS)
 @reports_errors
 def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max_channels: int, cmap: str,
-          save_raw: bool, no_index: bool, out_dir: Path, crop: bool, batch_size: int, as_json: bool, quiet: bool,
-          **options: Any) -> None:
+          save_raw: bool, no_index: bool, **options: Any) -> None:
     """Write a feature-map grid per image and layer: DIR/<image-stem>/fmap_<layer>.png.
 
     \b
@@ -210,30 +295,21 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
       hookviz fmaps model.pt2 photos/ -l layer2.0.conv1 --max-channels 16
     """
     from .errors import UsageError
-    from .fmaps import FmapOptions, write_feature_maps
+    from .fmaps import FmapJob, FmapOptions
     from .hooks import resolve_layers
-    from .images import collect_inputs
     from .layers import conv_layer_names
-    from .output import prepare_output_dir
-    from .pipeline import run_batches
     from .render import colormap_lut
 
-    loaded = _load(model, options, quiet)
+    batch = _batch_options(options)
+    loaded = _load(model, options, batch["quiet"])
     names = list(layer_names) or conv_layer_names(loaded.module)
     if not names:
         raise UsageError("the model has no Conv2d layers; name layers with -l (see 'hookviz layers MODEL')")
     resolve_layers(loaded.module, names)
     colormap_lut(cmap)  # an unknown colormap fails before any work
-    paths = collect_inputs(images)
-    fmap_options = FmapOptions(out_dir=prepare_output_dir(out_dir), layers=names, max_channels=max_channels,
-                               cmap=cmap, save_raw=save_raw, label_channels=not no_index,
-                               layers_named=bool(layer_names))
-    records = run_batches(paths, loaded, lambda batch: write_feature_maps(loaded, batch, fmap_options),
-                          crop=crop, batch_size=batch_size)
-    code = _report(records, as_json)
-    if not quiet:
-        click.echo(f"hookviz: wrote feature maps of {len(names)} layer(s) under {out_dir}/", err=True)
-    sys.exit(code)
+    job = FmapJob(loaded, FmapOptions(out_dir=batch["out_dir"], layers=names, max_channels=max_channels, cmap=cmap,
+                                      save_raw=save_raw, label_channels=not no_index, layers_named=bool(layer_names)))
+    sys.exit(_run_images(loaded, job, images, batch))
 
 
 @main.command()
@@ -249,8 +325,7 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
 @apply(IMAGE_OPTIONS)
 @reports_errors
 def gradcam(model: str, images: tuple[str, ...], class_values: tuple[str, ...], top_k: int, method: str,
-            layer_name: str | None, alpha: float, cmap: str, save_raw: bool, out_dir: Path, crop: bool,
-            batch_size: int, as_json: bool, quiet: bool, **options: Any) -> None:
+            layer_name: str | None, alpha: float, cmap: str, save_raw: bool, **options: Any) -> None:
     """Write CAM heatmap overlays: DIR/<image-stem>/<method>_<layer>_c<class>.png.
 
     Overlays have the original image's size; with --crop, what the model did not see is dimmed.
@@ -260,23 +335,19 @@ def gradcam(model: str, images: tuple[str, ...], class_values: tuple[str, ...], 
       hookviz gradcam resnet50 cat.jpg                       # top-1 class, Grad-CAM
       hookviz gradcam resnet50 cat.jpg --class "tabby" -m gradcam++
       hookviz gradcam model.pt2 photos/ --top-k 3 --json | jq .predictions
+      find photos -name '*.jpg' | hookviz gradcam resnet50 - --skip-existing -o maps
     """
-    from .explain import CamOptions, write_cams
-    from .images import collect_inputs
-    from .output import prepare_output_dir
-    from .pipeline import run_batches
+    from .batch import default_batch_size
+    from .explain import CamJob, CamOptions
     from .render import colormap_lut
 
-    loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, quiet)
+    batch = _batch_options(options)
+    loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, batch["quiet"])
     colormap_lut(cmap)
-    paths = collect_inputs(images)
-    cam_options = CamOptions(out_dir=prepare_output_dir(out_dir), layer=layer_name, method=method, classes=classes,
-                             top_k=top_k, alpha=alpha, cmap=cmap, save_raw=save_raw, score_batch_size=batch_size)
-    records = run_batches(paths, loaded, lambda batch: write_cams(loaded, batch, cam_options), crop=crop, batch_size=batch_size)
-    code = _report(records, as_json)
-    if not quiet:
-        click.echo(f"hookviz: wrote {method} overlays under {out_dir}/", err=True)
-    sys.exit(code)
+    job = CamJob(loaded, CamOptions(out_dir=batch["out_dir"], layer=layer_name, method=method, classes=classes,
+                                    top_k=top_k, alpha=alpha, cmap=cmap, save_raw=save_raw,
+                                    score_batch_size=batch["batch_size"] or default_batch_size(loaded.device)))
+    sys.exit(_run_images(loaded, job, images, batch))
 
 
 def _explain_setup(model: str, options: dict[str, Any], class_values: tuple[str, ...], top_k: int,
@@ -311,7 +382,7 @@ def _explain_setup(model: str, options: dict[str, Any], class_values: tuple[str,
 @apply(IMAGE_OPTIONS)
 @reports_errors
 def guided(model: str, images: tuple[str, ...], class_values: tuple[str, ...], top_k: int, layer_name: str | None,
-           out_dir: Path, crop: bool, batch_size: int, as_json: bool, quiet: bool, **options: Any) -> None:
+           **options: Any) -> None:
     """Write guided backpropagation and guided Grad-CAM images per image and class.
 
     DIR/<image-stem>/guided_c<class>.png and guided-gradcam_<layer>_c<class>.png,
@@ -322,16 +393,9 @@ def guided(model: str, images: tuple[str, ...], class_values: tuple[str, ...], t
       hookviz guided resnet50 cat.jpg
       hookviz guided resnet50 cat.jpg --class "tabby" -l layer3
     """
-    from .explain import CamOptions, write_guided
-    from .images import collect_inputs
-    from .output import prepare_output_dir
-    from .pipeline import run_batches
+    from .explain import CamOptions, GuidedJob
 
-    loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, quiet)
-    paths = collect_inputs(images)
-    guided_options = CamOptions(out_dir=prepare_output_dir(out_dir), layer=layer_name, classes=classes, top_k=top_k)
-    records = run_batches(paths, loaded, lambda batch: write_guided(loaded, batch, guided_options), crop=crop, batch_size=batch_size)
-    code = _report(records, as_json)
-    if not quiet:
-        click.echo(f"hookviz: wrote guided backpropagation images under {out_dir}/", err=True)
-    sys.exit(code)
+    batch = _batch_options(options)
+    loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, batch["quiet"])
+    job = GuidedJob(loaded, CamOptions(out_dir=batch["out_dir"], layer=layer_name, classes=classes, top_k=top_k))
+    sys.exit(_run_images(loaded, job, images, batch))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
-from .cams import compute_cams
-from .images import image_to_tensor
+from .cams import CamBatch, compute_cams
+from .guided import GuidedBatch
 from .models import LoadedModel
 from .output import safe_name, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
@@ -31,35 +31,108 @@ class CamOptions:
     score_batch_size: int = 32
 
 
-def write_cams(loaded: LoadedModel, batch: list[PreparedImage], options: CamOptions) -> list[Record]:
-    result = compute_cams(
-        loaded.module, model_batch(batch, loaded), layer=options.layer, method=options.method,
-        classes=options.classes, top_k=options.top_k, output_key=loaded.output_key,
-        score_batch_size=options.score_batch_size,
-    )
-    maps = normalize_map(result.maps.float().cpu())
-    probabilities = result.probabilities.float().cpu()
-    records = []
-    for b, item in enumerate(batch):
-        record = Record(input=str(item.path), extra={"predictions": _predictions(loaded, probabilities[b], options.predictions)})
-        original = image_to_tensor(item.image)
-        for k, class_index in enumerate(result.classes[b].tolist()):
-            heat, seen = heat_in_image(maps[b, k], item.view.box, item.image.size)
-            label, probability = loaded.label(class_index), float(probabilities[b, class_index])
-            picture = to_pil(overlay(original, heat, alpha=options.alpha, cmap=options.cmap, seen=seen))
+class CamJob:
+    """CAM overlays: one forward (and one batched backward) per batch; an overlay per (image, class)."""
+
+    command = "gradcam"
+
+    def __init__(self, loaded: LoadedModel, options: CamOptions):
+        self.loaded, self.options = loaded, options
+
+    def settings(self) -> dict[str, Any]:
+        return _settings(self.options, method=self.options.method, alpha=self.options.alpha, cmap=self.options.cmap,
+                         save_raw=self.options.save_raw)
+
+    def output_patterns(self) -> list[str]:
+        return [f"{safe_name(self.options.method)}_{safe_name(self.options.layer)}_c{c}.png" for c in _class_patterns(self.options)]
+
+    def compute(self, batch: list[PreparedImage]) -> CamBatch:
+        options = self.options
+        result = compute_cams(
+            self.loaded.module, model_batch(batch, self.loaded), layer=options.layer, method=options.method,
+            classes=options.classes, top_k=options.top_k, output_key=self.loaded.output_key,
+            score_batch_size=options.score_batch_size,
+        )
+        return CamBatch(maps=normalize_map(result.maps.float().cpu()), classes=result.classes.cpu(),
+                        probabilities=result.probabilities.float().cpu(), layer=result.layer, method=result.method)
+
+    def write(self, item: PreparedImage, index: int, result: CamBatch) -> Record:
+        options = self.options
+        record = _record(self.loaded, item, result.probabilities[index], options)
+        for k, class_index in enumerate(result.classes[index].tolist()):
+            heat, seen = heat_in_image(result.maps[index, k], item.view.box, item.size)
+            label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
+            picture = to_pil(overlay(item.pixels, heat, alpha=options.alpha, cmap=options.cmap, seen=seen))
             draw_caption(picture, f"{label} {probability:.1%} | {options.method} @ {options.layer}")
-            folder = options.out_dir / item.stem
             name = f"{safe_name(options.method)}_{safe_name(options.layer)}_c{class_index}"
-            metadata = {"hookviz:method": options.method, "hookviz:layer": options.layer, "hookviz:class": str(class_index),
-                        "hookviz:label": label, "hookviz:probability": f"{probability:.6f}", "hookviz:input": str(item.path)}
-            output = {"kind": "cam", "method": options.method, "layer": options.layer, "class": class_index,
-                      "label": label, "score": round(probability, 6),
-                      "png": str(write_png(picture, folder / f"{name}.png", metadata))}
+            output = _write_class_output(picture, options.out_dir / item.stem / f"{name}.png", item, options.method,
+                                         options.layer, class_index, label, probability, kind="cam")
             if options.save_raw:
-                output["raw"] = str(write_npy(heat, folder / f"{name}.npy"))
+                output["raw"] = str(write_npy(heat, options.out_dir / item.stem / f"{name}.npy"))
             record.outputs.append(output)
-        records.append(record)
-    return records
+        return record
+
+
+class GuidedJob:
+    """Guided backprop and guided Grad-CAM images per (image, class), at the original's resolution."""
+
+    command = "guided"
+
+    def __init__(self, loaded: LoadedModel, options: CamOptions):
+        self.loaded, self.options = loaded, options
+
+    def settings(self) -> dict[str, Any]:
+        return _settings(self.options)
+
+    def output_patterns(self) -> list[str]:
+        layer = safe_name(self.options.layer)
+        return [pattern for c in _class_patterns(self.options) for pattern in (f"guided_c{c}.png", f"guided-gradcam_{layer}_c{c}.png")]
+
+    def compute(self, batch: list[PreparedImage]) -> GuidedBatch:
+        from .guided import compute_guided
+
+        options = self.options
+        result = compute_guided(self.loaded.module, model_batch(batch, self.loaded), layer=options.layer,
+                                classes=options.classes, top_k=options.top_k, output_key=self.loaded.output_key)
+        return GuidedBatch(guided=result.guided.float().cpu(), guided_gradcam=result.guided_gradcam.float().cpu(),
+                           classes=result.classes.cpu(), probabilities=result.probabilities.float().cpu())
+
+    def write(self, item: PreparedImage, index: int, result: GuidedBatch) -> Record:
+        options = self.options
+        record = _record(self.loaded, item, result.probabilities[index], options)
+        for k, class_index in enumerate(result.classes[index].tolist()):
+            label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
+            for method, gradients in (("guided", result.guided), ("guided-gradcam", result.guided_gradcam)):
+                picture = _gradient_picture(gradients[index, k], item)
+                at_layer = "" if method == "guided" else f" @ {options.layer}"
+                draw_caption(picture, f"{label} {probability:.1%} | {method}{at_layer}")
+                name = f"{method}_c{class_index}" if method == "guided" else f"{method}_{safe_name(options.layer)}_c{class_index}"
+                record.outputs.append(_write_class_output(picture, options.out_dir / item.stem / f"{name}.png", item, method,
+                                                          options.layer, class_index, label, probability, kind="guided"))
+        return record
+
+
+def _settings(options: CamOptions, **extra: Any) -> dict[str, Any]:
+    classes = list(options.classes) if options.classes else None
+    return {"layer": options.layer, "classes": classes, "top_k": None if classes else options.top_k, **extra}
+
+
+def _class_patterns(options: CamOptions) -> list[str]:
+    """The class part of output names: the given classes, or any class when the top-k decide."""
+    return [str(c) for c in options.classes] if options.classes else ["*"]
+
+
+def _record(loaded: LoadedModel, item: PreparedImage, probabilities: torch.Tensor, options: CamOptions) -> Record:
+    return Record(input=str(item.path), extra={"predictions": _predictions(loaded, probabilities, options.predictions)})
+
+
+def _write_class_output(picture: Image.Image, path: Path, item: PreparedImage, method: str, layer: str, class_index: int,
+                        label: str, probability: float, kind: str) -> dict[str, Any]:
+    """Write one explanation PNG (its metadata says what it shows) and describe it for the record."""
+    metadata = {"hookviz:method": method, "hookviz:layer": layer, "hookviz:class": str(class_index),
+                "hookviz:label": label, "hookviz:probability": f"{probability:.6f}", "hookviz:input": str(item.path)}
+    return {"kind": kind, "method": method, "layer": layer, "class": class_index, "label": label,
+            "score": round(probability, 6), "png": str(write_png(picture, path, metadata))}
 
 
 def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Image:
@@ -69,36 +142,11 @@ def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Imag
     pixels = gradient_image(gradient.float().cpu())
     channels, seen = [], None
     for channel in pixels:
-        placed, seen = heat_in_image(channel, item.view.box, item.image.size)
+        placed, seen = heat_in_image(channel, item.view.box, item.size)
         channels.append(placed)
     picture = torch.stack(channels)
     picture = torch.where(seen, picture, torch.full_like(picture, 0.5))
     return to_pil((picture * 255).round().clamp(0, 255).to(torch.uint8))
-
-
-def write_guided(loaded: LoadedModel, batch: list[PreparedImage], options: CamOptions) -> list[Record]:
-    """Guided backprop and guided Grad-CAM images per (image, class), at the original's resolution."""
-    from .guided import compute_guided
-
-    result = compute_guided(loaded.module, model_batch(batch, loaded), layer=options.layer, classes=options.classes,
-                            top_k=options.top_k, output_key=loaded.output_key)
-    probabilities = result.probabilities.float().cpu()
-    records = []
-    for b, item in enumerate(batch):
-        record = Record(input=str(item.path), extra={"predictions": _predictions(loaded, probabilities[b], options.predictions)})
-        for k, class_index in enumerate(result.classes[b].tolist()):
-            label, probability = loaded.label(class_index), float(probabilities[b, class_index])
-            for method, gradients in (("guided", result.guided), ("guided-gradcam", result.guided_gradcam)):
-                picture = _gradient_picture(gradients[b, k], item)
-                draw_caption(picture, f"{label} {probability:.1%} | {method}" + (f" @ {options.layer}" if method != "guided" else ""))
-                name = f"{method}_c{class_index}" if method == "guided" else f"{method}_{safe_name(options.layer)}_c{class_index}"
-                metadata = {"hookviz:method": method, "hookviz:layer": options.layer, "hookviz:class": str(class_index),
-                            "hookviz:label": label, "hookviz:probability": f"{probability:.6f}", "hookviz:input": str(item.path)}
-                record.outputs.append({"kind": "guided", "method": method, "layer": options.layer, "class": class_index,
-                                       "label": label, "score": round(probability, 6),
-                                       "png": str(write_png(picture, options.out_dir / item.stem / f"{name}.png", metadata))})
-        records.append(record)
-    return records
 
 
 def _predictions(loaded: LoadedModel, probabilities: torch.Tensor, count: int) -> list[dict]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,17 +32,25 @@ class FeatureGrid:
         return len(self.channels) < self.total_channels
 
 
-def rank_channels(activation: torch.Tensor, max_channels: int) -> list[int]:
-    """The channels to show: all (in index order) when they fit, else the most active.
+def rank_channels(activation: torch.Tensor, max_channels: int) -> torch.Tensor:
+    """The channels to show for each image of a batch ``activation`` (B, C, h, w): indices (B, k).
 
-    Activity is the mean absolute activation, which ranks channels the same way
-    before and after a ReLU and does not favour channels with a large offset only.
+    All channels (in index order) when they fit, else the most active by mean
+    absolute activation, which ranks channels the same way before and after a
+    ReLU and does not favour channels with a large offset only.
     """
-    count = activation.shape[0]
+    batch, count = activation.shape[:2]
     if count <= max_channels:
-        return list(range(count))
-    activity = activation.abs().flatten(1).mean(dim=1)
-    return activity.topk(max_channels).indices.tolist()
+        return torch.arange(count).expand(batch, count)
+    activity = activation.detach().abs().flatten(2).mean(dim=2)
+    return activity.topk(max_channels, dim=1).indices.cpu()
+
+
+def selected_channels(activation: torch.Tensor, max_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranked channels of a batch ``activation`` (B, C, h, w): their maps (B, k, h, w) on the CPU, and indices (B, k)."""
+    channels = rank_channels(activation, max_channels)
+    index = channels.to(activation.device)[:, :, None, None].expand(-1, -1, *activation.shape[-2:])
+    return activation.detach().gather(1, index).float().cpu(), channels
 
 
 def feature_grid(activation: torch.Tensor, *, max_channels: int = 64, cmap: str = "viridis",
@@ -51,13 +59,18 @@ def feature_grid(activation: torch.Tensor, *, max_channels: int = 64, cmap: str 
 
     Each tile is scaled to its own [0, 1] range, so weak channels are still visible.
     """
-    from torchvision.utils import make_grid
-
     if activation.dim() != 3:
         raise ValueError(f"expected a (C, h, w) activation, got shape {tuple(activation.shape)}")
-    activation = activation.detach().float().cpu()
-    channels = rank_channels(activation, max_channels)
-    maps = normalize_map(activation[channels])
+    maps, channels = selected_channels(activation[None], max_channels)
+    return channel_grid(maps[0], channels[0].tolist(), activation.shape[0], cmap=cmap, label_channels=label_channels)
+
+
+def channel_grid(maps: torch.Tensor, channels: list[int], total_channels: int, *, cmap: str = "viridis",
+                 label_channels: bool = True) -> FeatureGrid:
+    """The grid of already selected channel ``maps`` (k, h, w), labelled with their ``channels`` indices."""
+    from torchvision.utils import make_grid
+
+    maps = normalize_map(maps)
     height, width = maps.shape[-2:]
     scale = max(1, math.ceil(MIN_TILE / max(height, width)))
     if scale > 1:  # nearest keeps each activation a visible block instead of blurring a 7x7 map
@@ -74,7 +87,7 @@ def feature_grid(activation: torch.Tensor, *, max_channels: int = 64, cmap: str 
         ]
         font_size = max(8, min(14, tile_h // 5))
         draw_labels(image, positions, [str(c) for c in channels], font_size)
-    return FeatureGrid(image=image, channels=channels, total_channels=activation.shape[0])
+    return FeatureGrid(image=image, channels=channels, total_channels=total_channels)
 
 
 @dataclass
@@ -88,28 +101,62 @@ class FmapOptions:
     layers_named: bool = True  # False for the default "every Conv2d": convs that do not run (training-only heads) are skipped
 
 
-def write_feature_maps(loaded: LoadedModel, batch: list[PreparedImage], options: FmapOptions) -> list[Record]:
-    """Capture every requested layer for a batch in one forward pass; write one grid per (image, layer)."""
-    with capture(loaded.module, options.layers) as activations:
-        run_model(loaded.module, model_batch(batch, loaded))
-    layers = [layer for layer in options.layers if options.layers_named or layer in activations]
-    for layer in layers:
-        found = activations.get(layer)
-        if found is None:
-            raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
-        if found.dim() != 4:
-            raise UsageError(f"layer {layer!r} has output shape {tuple(found.shape)}, not (N, C, H, W): it has no feature maps to draw")
-    records = []
-    for index, item in enumerate(batch):
-        record = Record(input=str(item.path))
+@dataclass
+class LayerMaps:
+    maps: torch.Tensor  # (B, k, h, w) the channels to draw, on the CPU
+    channels: torch.Tensor  # (B, k) their indices
+    shape: tuple[int, ...]  # (C, h, w) of the layer's output
+    raw: torch.Tensor | None = None  # (B, C, h, w) everything, for --save-raw
+
+
+class FmapJob:
+    """Feature-map grids: one forward pass per batch captures every layer; one grid per (image, layer)."""
+
+    command = "fmaps"
+
+    def __init__(self, loaded: LoadedModel, options: FmapOptions):
+        self.loaded, self.options = loaded, options
+
+    def settings(self) -> dict[str, Any]:
+        options = self.options
+        return {"layers": options.layers, "max_channels": options.max_channels, "cmap": options.cmap,
+                "save_raw": options.save_raw, "label_channels": options.label_channels}
+
+    def output_patterns(self) -> list[str]:
+        return [f"fmap_{safe_name(layer)}.png" for layer in self.options.layers]
+
+    def compute(self, batch: list[PreparedImage]) -> dict[str, LayerMaps]:
+        """Per layer, the channels to draw (and the whole output with --save-raw).
+
+        Only the shown channels are kept for the writer, so batches waiting to be written stay small.
+        """
+        options = self.options
+        with capture(self.loaded.module, options.layers) as activations:
+            run_model(self.loaded.module, model_batch(batch, self.loaded))
+        layers = options.layers if options.layers_named else [layer for layer in options.layers if layer in activations]
+        result = {}
         for layer in layers:
-            activation = activations[layer][index]
-            grid = feature_grid(activation, max_channels=options.max_channels, cmap=options.cmap,
+            activation = activations.get(layer)
+            if activation is None:
+                raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
+            if activation.dim() != 4:
+                raise UsageError(f"layer {layer!r} has output shape {tuple(activation.shape)}, not (N, C, H, W): it has no feature maps to draw")
+            maps, channels = selected_channels(activation, options.max_channels)
+            raw = activation.detach().float().cpu() if options.save_raw else None
+            result[layer] = LayerMaps(maps=maps, channels=channels, shape=tuple(activation.shape[1:]), raw=raw)
+        return result
+
+    def write(self, item: PreparedImage, index: int, result: dict[str, LayerMaps]) -> Record:
+        options = self.options
+        record = Record(input=str(item.path))
+        for layer, layer_maps in result.items():
+            shape = layer_maps.shape
+            grid = channel_grid(layer_maps.maps[index], layer_maps.channels[index].tolist(), shape[0], cmap=options.cmap,
                                 label_channels=options.label_channels)
             folder, name = options.out_dir / item.stem, f"fmap_{safe_name(layer)}"
             metadata = {
                 "hookviz:layer": layer,
-                "hookviz:shape": "x".join(map(str, activation.shape)),
+                "hookviz:shape": "x".join(map(str, shape)),
                 "hookviz:channels": ",".join(map(str, grid.channels)),
                 "hookviz:selection": (f"the {len(grid.channels)} most active of {grid.total_channels} channels (mean |activation|)"
                                       if grid.is_subset else f"all {grid.total_channels} channels"),
@@ -118,7 +165,6 @@ def write_feature_maps(loaded: LoadedModel, batch: list[PreparedImage], options:
             output = {"kind": "fmap", "layer": layer, "png": str(write_png(grid.image, folder / f"{name}.png", metadata)),
                       "channels": grid.channels}
             if options.save_raw:
-                output["raw"] = str(write_npy(activation, folder / f"{name}.npy"))
+                output["raw"] = str(write_npy(layer_maps.raw[index], folder / f"{name}.npy"))
             record.outputs.append(output)
-        records.append(record)
-    return records
+        return record

@@ -11,7 +11,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, TextIO
+from contextlib import contextmanager
+from typing import Iterable, Iterator, TextIO
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,6 +22,7 @@ from .models import Preprocessing
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 STDIN = "-"
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own default
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ def collect_inputs(arguments: Iterable[str], stdin: TextIO | None = None) -> lis
     """Expand files, directories (recursive, sorted) and ``-`` (paths on stdin) into a list of paths.
 
     Explicit files are kept even when they do not exist or are not images, so each
-    gets its own error; directories contribute only files with image suffixes.
+    gets its own error; directories contribute only files with image suffixes, and
+    skip hidden files and folders (macOS ``._photo.jpg`` forks, ``.ipynb_checkpoints``).
     """
     paths: list[Path] = []
     for argument in arguments:
@@ -53,8 +56,7 @@ def collect_inputs(arguments: Iterable[str], stdin: TextIO | None = None) -> lis
             continue
         path = Path(argument)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            paths.extend(found)
+            paths.extend(sorted(p for p in path.rglob("*") if _is_listed_image(p, path)))
         else:
             paths.append(path)
     if not paths:
@@ -62,9 +64,19 @@ def collect_inputs(arguments: Iterable[str], stdin: TextIO | None = None) -> lis
     return paths
 
 
-def load_image(path: Path | str) -> Image.Image:
-    """Decode an image file to 8-bit RGB with EXIF orientation applied. Raises InputError."""
+def _is_listed_image(path: Path, folder: Path) -> bool:
+    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return not hidden and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file to 8-bit RGB with EXIF orientation applied. Raises InputError.
+
+    Images larger than ``max_pixels`` (default: Pillow's decompression-bomb limit,
+    about 89 megapixels) are refused before they are decoded.
+    """
     path = Path(path)
+    limit = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
     if not path.exists():
         raise InputError(f"{path}: file not found")
     if path.is_dir():
@@ -73,16 +85,27 @@ def load_image(path: Path | str) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns (rather than fails) on oversized images below 2x the limit: treat it as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with _pixel_limit(limit), Image.open(path) as image:
                 image.seek(0)  # animated GIF/WebP/TIFF: the first frame
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path}: image is larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+        raise InputError(f"{path}: image has more than {limit:,} pixels, a possible decompression bomb; "
+                         f"if you trust it, raise the limit with --max-pixels") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image hookviz can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise InputError(f"{path}: cannot decode image ({exc})") from None
+
+
+@contextmanager
+def _pixel_limit(limit: int) -> Iterator[None]:
+    """Pillow's bomb check reads a module global; set it for this decode only (images decode in one thread per process)."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,38 +1,53 @@
-"""The per-image loop every image command shares: decode, batch, run, write, one record per input.
+"""The per-image loop every image command shares: decode, batch, run the model, write.
 
+Three stages overlap so the model is rarely idle: images are decoded and
+preprocessed ahead of time (in DataLoader worker processes with ``workers > 0``),
+the model runs one batch at a time in the calling thread, and a writer thread
+renders and encodes the previous batch's PNGs (torch ops and zlib release the GIL).
+
+A command plugs in as a ``Job``: ``compute`` runs the model on a batch,
+``write`` turns one image's part of the result into files and a ``Record``.
 A bad image becomes an error record and the others go on; a usage error stops the run.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
-from PIL import Image
 
 from .errors import InputError
-from .images import ModelView, load_image, model_view, preprocess
-from .models import LoadedModel
-from .output import output_stems
+from .images import ModelView, image_to_tensor, load_image, model_view, preprocess
+from .models import LoadedModel, Preprocessing
+
+WRITES_IN_FLIGHT = 2  # batches handed to the writer and not yet reported; bounds memory
 
 
 @dataclass
 class PreparedImage:
     path: Path
     stem: str  # the input's own output directory name
-    image: Image.Image  # the original, RGB, EXIF-oriented
+    pixels: torch.Tensor  # the original as uint8 (3, H, W), RGB, EXIF-oriented: overlays are drawn on it
     tensor: torch.Tensor  # the normalized model input (3, h, w)
     view: ModelView  # where the model input lies in the original
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the original."""
+        return self.pixels.shape[2], self.pixels.shape[1]
 
 
 @dataclass
 class Record:
-    """One input's result, as printed with --json."""
+    """One input's result, as printed with --json and appended to the manifest."""
 
     input: str
-    status: str = "ok"
+    status: str = "ok"  # ok, error, or skipped (done by an earlier run)
     error: str | None = None
     outputs: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -41,47 +56,162 @@ class Record:
         return {"input": self.input, "status": self.status, "error": self.error, **self.extra, "outputs": self.outputs}
 
 
-def prepare_image(path: Path, stem: str, loaded: LoadedModel, crop: bool) -> PreparedImage:
-    image = load_image(path)
+class Job(Protocol):
+    """What an image command does with a batch. See fmaps.FmapJob and explain.CamJob."""
+
+    command: str
+
+    def compute(self, batch: list[PreparedImage]) -> Any:
+        """Run the model on the batch (in the calling thread)."""
+
+    def write(self, item: PreparedImage, index: int, result: Any) -> Record:
+        """Render and write the outputs of ``batch[index]`` (in the writer thread)."""
+
+    def output_patterns(self) -> list[str]:
+        """Glob patterns, relative to DIR/<stem>/, of the files this job writes per input."""
+
+    def settings(self) -> dict[str, Any]:
+        """The options that decide the outputs (for the manifest and --skip-existing)."""
+
+
+@dataclass
+class Timings:
+    """Where a run spent its time, in seconds (shown with -v)."""
+
+    waiting_for_images: float = 0.0
+    model: float = 0.0
+    writing: float = 0.0  # in the writer thread, overlapping the other two
+
+    def as_text(self) -> str:
+        return (f"model {self.model:.1f} s, waiting for decoded images {self.waiting_for_images:.1f} s, "
+                f"rendering and writing {self.writing:.1f} s (in the background)")
+
+
+def prepare_image(path: Path, stem: str, preprocessing: Preprocessing, crop: bool,
+                  max_pixels: int | None = None) -> PreparedImage:
+    image = load_image(path, max_pixels=max_pixels)
     return PreparedImage(
         path=path,
         stem=stem,
-        image=image,
-        tensor=preprocess(image, loaded.preprocessing, crop=crop),
-        view=model_view(image.size, loaded.preprocessing, crop=crop),
+        pixels=image_to_tensor(image),
+        tensor=preprocess(image, preprocessing, crop=crop),
+        view=model_view(image.size, preprocessing, crop=crop),
     )
 
 
-def run_batches(
-    paths: Sequence[Path],
+class _PreparedImages(torch.utils.data.Dataset):
+    """Decoding and preprocessing as a Dataset, so DataLoader workers can run it."""
+
+    def __init__(self, inputs: Sequence[tuple[Path, str]], preprocessing: Preprocessing, crop: bool,
+                 max_pixels: int | None):
+        self.inputs, self.preprocessing, self.crop, self.max_pixels = list(inputs), preprocessing, crop, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> PreparedImage | Record:
+        path, stem = self.inputs[index]
+        try:
+            return prepare_image(path, stem, self.preprocessing, self.crop, self.max_pixels)
+        except InputError as exc:
+            return Record(input=str(path), status="error", error=str(exc))
+
+
+def _as_is(item: Any) -> Any:  # DataLoader's collate step for one item at a time; module-level so workers can pickle it
+    return item
+
+
+def prepared_images(inputs: Sequence[tuple[Path, str]], preprocessing: Preprocessing, *, crop: bool = False,
+                    workers: int = 0, prefetch: int = 8, max_pixels: int | None = None) -> Iterator[PreparedImage | Record]:
+    """Each input decoded and preprocessed, in input order; ``workers`` > 0 does it in background processes."""
+    dataset = _PreparedImages(inputs, preprocessing, crop, max_pixels)
+    if workers <= 0 or len(dataset) == 0:
+        yield from (dataset[i] for i in range(len(dataset)))
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                         prefetch_factor=max(2, prefetch // workers))
+    yield from loader
+
+
+def run_job(
+    inputs: Sequence[tuple[Path, str]],
     loaded: LoadedModel,
-    process: Callable[[list[PreparedImage]], list[Record]],
+    job: Job,
     *,
     crop: bool = False,
     batch_size: int = 8,
+    workers: int = 0,
+    max_pixels: int | None = None,
+    timings: Timings | None = None,
 ) -> Iterator[Record]:
-    """Prepare images in batches, hand each batch to ``process``, yield one record per input in order."""
-    stems = output_stems(paths)
+    """Run ``job`` over ``inputs`` ((path, output stem) pairs); yield one record per input, in input order.
+
+    Stopping early (``close()``, Ctrl-C) waits for the image being written and drops the rest:
+    every file is written atomically, so nothing half-written is left.
+    """
+    timings = timings if timings is not None else Timings()
     if loaded.fixed_batch is not None:  # a .pt2 exported with a static batch dimension
         batch_size = min(batch_size, loaded.fixed_batch)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookviz-writer")
+    in_flight: deque[tuple[list[PreparedImage | Record], Future[list[Record]]]] = deque()
     slots: list[PreparedImage | Record] = []  # input order: a prepared image, or the record of its failure
 
-    def flush() -> Iterator[Record]:
+    def write_batch(prepared: list[PreparedImage], result: Any) -> list[Record]:
+        started = time.perf_counter()
+        records = [_write_one(job, item, index, result) for index, item in enumerate(prepared)]
+        timings.writing += time.perf_counter() - started
+        return records
+
+    def submit() -> None:
         prepared = [slot for slot in slots if isinstance(slot, PreparedImage)]
-        results = iter(process(prepared) if prepared else [])
-        for slot in slots:
-            yield next(results) if isinstance(slot, PreparedImage) else slot
+        result = None
+        if prepared:
+            started = time.perf_counter()
+            result = job.compute(prepared)
+            timings.model += time.perf_counter() - started
+        in_flight.append((list(slots), writer.submit(write_batch, prepared, result)))
         slots.clear()
 
-    for path in paths:
-        try:
-            slots.append(prepare_image(path, stems[path], loaded, crop))
-        except InputError as exc:
-            slots.append(Record(input=str(path), status="error", error=str(exc)))
-        if len(slots) >= batch_size:
-            yield from flush()
-    yield from flush()
+    def report(wait: bool) -> Iterator[Record]:
+        while in_flight and (wait or len(in_flight) > WRITES_IN_FLIGHT or in_flight[0][1].done()):
+            batch_slots, future = in_flight.popleft()
+            written = iter(future.result())
+            for slot in batch_slots:
+                yield next(written) if isinstance(slot, PreparedImage) else slot
+
+    images = prepared_images(inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size,
+                             max_pixels=max_pixels)
+    try:
+        while True:
+            started = time.perf_counter()
+            slot = next(images, None)
+            timings.waiting_for_images += time.perf_counter() - started
+            if slot is None:
+                break
+            slots.append(slot)
+            if len(slots) >= batch_size:
+                submit()
+                yield from report(wait=False)
+        if slots:
+            submit()
+        yield from report(wait=True)
+    finally:
+        for _, future in in_flight:
+            future.cancel()
+        writer.shutdown(wait=True)
+        images.close()
+
+
+def _write_one(job: Job, item: PreparedImage, index: int, result: Any) -> Record:
+    try:
+        return job.write(item, index, result)
+    except OSError as exc:  # disk full, permissions: this input failed, the run goes on
+        return Record(input=str(item.path), status="error", error=f"{item.path}: cannot write outputs ({exc.strerror or exc})")
 
 
 def model_batch(images: Sequence[PreparedImage], loaded: LoadedModel) -> torch.Tensor:
-    return torch.stack([item.tensor for item in images]).to(loaded.device)
+    """Stack model inputs; a short last batch for a fixed-batch .pt2 is padded by repeating its last image."""
+    tensors = [item.tensor for item in images]
+    if loaded.fixed_batch is not None and len(tensors) < loaded.fixed_batch:
+        tensors += [tensors[-1]] * (loaded.fixed_batch - len(tensors))
+    return torch.stack(tensors).to(loaded.device)

@@ -1,0 +1,223 @@
+"""Runs over many inputs: shards, the manifest, resuming, and refusing to overwrite by accident.
+
+``DIR/manifest.jsonl`` gets one header line per run (versions, model, options)
+and then one line per finished input, appended as each finishes with a single
+``write`` under a file lock, so a killed run and parallel shards writing to the
+same directory leave a valid file. ``--skip-existing`` reads it back: an input
+is done when a run with the same options recorded it ``ok`` and its files exist.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import UsageError
+from .models import LoadedModel
+from .output import output_stems, prepare_output_dir
+from .pipeline import Job, Record, Timings, run_job
+
+MANIFEST_NAME = "manifest.jsonl"
+DONE = ("ok", "skipped")
+
+
+def default_batch_size(device: Any) -> int:
+    """A batch size that keeps a CPU busy without swapping, and an accelerator fed."""
+    return {"cuda": 32, "mps": 16}.get(getattr(device, "type", str(device)), 8)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N`` with 1 <= K <= N, e.g. ``--shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT``."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: use K/N, e.g. --shard 2/8") from None
+    if n < 1 or not 1 <= k <= n:
+        zero_based = " (shards count from 1; with a 0-based index use $((INDEX + 1)))" if k == 0 else ""
+        raise UsageError(f"--shard {text!r}: K must be between 1 and N{zero_based}")
+    return k, n
+
+
+def shard_of(paths: Sequence[Path], k: int, n: int) -> list[Path]:
+    """The K-th of N slices of the sorted, de-duplicated inputs, in the order given.
+
+    Every N-th input of the sorted list (a folder's large and small images spread
+    evenly), so shards 1..N together cover each input exactly once, whatever order
+    each shard's own ``find`` listed them in.
+    """
+    ordered = sorted(set(map(str, paths)))
+    mine = {path for position, path in enumerate(ordered) if position % n == k - 1}
+    seen: set[str] = set()
+    selected = []
+    for path in paths:
+        if str(path) in mine and str(path) not in seen:
+            seen.add(str(path))
+            selected.append(path)
+    return selected
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("hookviz", "torch", "torchvision"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+class Manifest:
+    """``DIR/manifest.jsonl``: append-only JSON Lines, safe to share between processes."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / MANIFEST_NAME
+
+    def append(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # parallel shards append whole lines, never interleaved bytes
+            os.write(descriptor, line)
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """Every readable line; a line cut short by a full disk is ignored."""
+        try:
+            with self.path.open(encoding="utf-8") as stream:
+                for line in stream:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(entry, dict):
+                        yield entry
+        except FileNotFoundError:
+            return
+
+    def completed(self, key: str) -> dict[str, dict[str, Any]]:
+        """Inputs that a run with these options finished, whose output files all still exist."""
+        runs: set[str] = set()
+        done: dict[str, dict[str, Any]] = {}
+        for entry in self.entries():
+            if entry.get("type") == "run" and entry.get("key") == key:
+                runs.add(entry.get("run"))
+            elif entry.get("type") == "input" and entry.get("run") in runs:
+                if entry.get("status") in DONE and _outputs_exist(entry.get("outputs", [])):
+                    done[entry["input"]] = entry
+                elif entry.get("status") == "error":
+                    done.pop(entry["input"], None)
+        return done
+
+
+def _outputs_exist(outputs: list[dict[str, Any]]) -> bool:
+    return all(Path(output[key]).is_file() for output in outputs for key in ("png", "raw") if key in output)
+
+
+@dataclass
+class BatchOptions:
+    out_dir: Path
+    batch_size: int | None = None  # None: default_batch_size for the model's device
+    workers: int = 0
+    crop: bool = False
+    shard: tuple[int, int] | None = None
+    skip_existing: bool = False
+    overwrite: bool = False
+    max_pixels: int | None = None  # larger images are refused (default: Pillow's bomb limit)
+    argv: list[str] | None = None  # recorded in the manifest header
+
+
+@dataclass
+class BatchRun:
+    """A planned run: what it will do, and the generator of its records."""
+
+    inputs: list[Path]  # this shard's inputs, in order
+    skipped: dict[str, dict[str, Any]]  # input -> the manifest record that makes it done
+    header: dict[str, Any]
+    records: Iterator[Record]
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def total(self) -> int:
+        return len(self.inputs)
+
+
+def options_key(loaded: LoadedModel, job: Job, crop: bool) -> str:
+    """A hash of everything that decides a job's output files (not batch size, workers or paths)."""
+    decided_by = {"command": job.command, "model": loaded.spec, "preprocessing": _jsonable(loaded.preprocessing),
+                  "crop": crop, "settings": job.settings()}
+    return hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_batch(paths: Sequence[Path], loaded: LoadedModel, job: Job, options: BatchOptions) -> BatchRun:
+    """Check the run can go ahead (shard, existing outputs), write the manifest header, and return the run."""
+    if options.skip_existing and options.overwrite:
+        raise UsageError("give either --skip-existing or --overwrite, not both")
+    stems = output_stems(paths)  # over all inputs, so every shard names outputs the same way
+    inputs = shard_of(paths, *options.shard) if options.shard else list(paths)
+    out_dir = prepare_output_dir(options.out_dir)
+    manifest = Manifest(out_dir)
+    key = options_key(loaded, job, options.crop)
+    skipped = manifest.completed(key) if options.skip_existing else {}
+    to_run = [path for path in inputs if str(path) not in skipped]
+    if not (options.skip_existing or options.overwrite):
+        _refuse_overwrite(to_run, stems, out_dir, job.output_patterns())
+    batch_size = options.batch_size or default_batch_size(loaded.device)
+    header = {
+        "type": "run", "run": uuid.uuid4().hex[:12], "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_versions(), "command": job.command, "model": loaded.spec, "model_description": loaded.description,
+        "device": str(loaded.device), "preprocessing": _jsonable(loaded.preprocessing), "crop": options.crop,
+        "settings": job.settings(), "key": key, "batch_size": batch_size, "workers": options.workers,
+        "shard": "/".join(map(str, options.shard)) if options.shard else None, "inputs": len(inputs),
+        "skipped": len(inputs) - len(to_run), "argv": options.argv,
+    }
+    manifest.append(header)
+    timings = Timings()
+    computed = run_job([(path, stems[path]) for path in to_run], loaded, job, crop=options.crop,
+                       batch_size=batch_size, workers=options.workers, max_pixels=options.max_pixels, timings=timings)
+    records = _in_input_order(inputs, skipped, computed, manifest, header["run"])
+    return BatchRun(inputs=inputs, skipped=skipped, header=header, records=records, timings=timings)
+
+
+def _in_input_order(inputs: list[Path], skipped: dict[str, dict[str, Any]], computed: Iterator[Record],
+                    manifest: Manifest, run: str) -> Iterator[Record]:
+    """Skipped inputs' records where they belong among the computed ones; each appended to the manifest."""
+    try:
+        for path in inputs:
+            earlier = skipped.get(str(path))
+            if earlier is not None:
+                record = Record(input=str(path), status="skipped", outputs=earlier.get("outputs", []),
+                                extra={key: value for key, value in earlier.items()
+                                       if key not in ("type", "run", "input", "status", "error", "outputs")})
+            else:
+                record = next(computed)
+            manifest.append({"type": "input", "run": run, **record.as_json()})
+            yield record
+    finally:
+        computed.close()
+
+
+def _refuse_overwrite(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path, patterns: list[str]) -> None:
+    clashes = []
+    for path in paths:
+        folder = out_dir / stems[path]
+        if folder.is_dir():
+            clashes.extend(match for pattern in patterns for match in sorted(folder.glob(pattern)))
+        if clashes:
+            break
+    if clashes:
+        raise UsageError(f"{clashes[0]} already exists; pass --overwrite to replace outputs, "
+                         f"or --skip-existing to finish an interrupted run")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(asdict(value), default=str))
