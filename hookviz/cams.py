@@ -22,6 +22,7 @@ from torch import nn
 from .errors import UsageError
 from .hooks import capture, preserved_state, run_model
 from .models import select_logits
+from .spatial import spatial_layout, to_spatial
 
 EPS = 1e-7
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
@@ -165,22 +166,26 @@ def compute_cams(
         logits = select_logits(output, output_key)
         if logits.dim() != 2:
             raise UsageError(f"the model's output has shape {tuple(logits.shape)}, not (N, classes); use --output KEY")
-        activation = activations.get(layer)
-        if activation is None:
+        output = activations.get(layer)
+        if output is None:
             raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
-        if activation.dim() != 4 or activation.shape[-2] * activation.shape[-1] < 2:
-            raise UsageError(f"layer {layer!r} has output shape {tuple(activation.shape)}, not a spatial (N, C, H, W) map; choose another with -l")
+        layout = spatial_layout(output.shape, tuple(batch.shape[-2:]))
+        if layout is None:
+            raise UsageError(f"layer {layer!r} has output shape {tuple(output.shape)}, not a spatial map "
+                             "(N, C, H, W) or patch tokens; choose another with -l")
+        activation = to_spatial(output.detach(), layout)  # tokens and channels-last outputs as (B, C, h, w)
         chosen = choose_classes(logits.detach(), classes, top_k)
         if needs_grad:
-            gradients = batched_gradients(logits.gather(1, chosen), activation)
-            maps = GRADIENT_RULES[method](activation.detach(), gradients)
+            gradients = batched_gradients(logits.gather(1, chosen), output)  # (B, K, *output's shape)
+            gradients = to_spatial(gradients.flatten(0, 1), layout).unflatten(0, gradients.shape[:2])
+            maps = GRADIENT_RULES[method](activation, gradients)
         elif method == "eigencam":
-            maps = eigencam(activation.detach()).expand(-1, chosen.shape[1], -1, -1)
+            maps = eigencam(activation).expand(-1, chosen.shape[1], -1, -1)
         elif method == "cam":
-            maps = class_activation_map(activation.detach(), _linear_head(model, activation.detach(), logits.detach(), layer), chosen)
+            maps = class_activation_map(activation, _linear_head(model, activation, logits.detach(), layer), chosen)
     if method == "scorecam":  # its many masked forward passes run without the capture hook
         with preserved_state(model):
-            maps = score_cam(model, batch, activation.detach(), chosen, output_key, score_batch_size)
+            maps = score_cam(model, batch, activation, chosen, output_key, score_batch_size)
     return CamBatch(maps=maps.detach(), classes=chosen, probabilities=logits.detach().softmax(dim=1), layer=layer, method=method)
 
 

@@ -399,3 +399,114 @@ def guided(model: str, images: tuple[str, ...], class_values: tuple[str, ...], t
     loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, batch["quiet"])
     job = GuidedJob(loaded, CamOptions(out_dir=batch["out_dir"], layer=layer_name, classes=classes, top_k=top_k))
     sys.exit(_run_images(loaded, job, images, batch))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-l", "--layer", "layer_names", multiple=True, metavar="NAME", help="Layer to measure (repeatable; default: every Conv2d and Linear).")
+@click.option("--bins", type=click.IntRange(min=4, max=10_000), default=100, show_default=True, help="Histogram bins per layer.")
+@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
+              help="Where stats.png (one histogram row per layer) is written.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DIR/stats.png.")
+@click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image.")
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="N", help="Images per model call (default: 8 on CPU).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Processes decoding images in the background.")
+@click.option("--max-pixels", type=click.IntRange(min=1), metavar="N", help="Refuse larger images (default: Pillow's limit).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per layer (JSON Lines) instead of the table.")
+@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr except errors.")
+@apply(MODEL_OPTIONS)
+@reports_errors
+def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bins: int, out_dir: Path, overwrite: bool,
+          crop: bool, batch_size: int | None, workers: int, max_pixels: int | None, as_json: bool, quiet: bool,
+          **options: Any) -> None:
+    """Activation statistics per layer over all images: mean, std, min, max, zeros, dead channels, histogram.
+
+    A zero is a value a ReLU would zero (<= 0); a dead channel is never > 0 on any
+    image at any position. Memory stays flat however many images: statistics and
+    fixed-bin histograms are updated batch by batch.
+
+    \b
+    Examples:
+      hookviz stats resnet50 photos/                    # table + out/stats.png
+      hookviz stats model.pt2 photos/ -l layer4 --json | jq '{layer, dead_channels}'
+    """
+    from .batch import default_batch_size
+    from .errors import UsageError
+    from .images import collect_inputs
+    from .output import output_stems, prepare_output_dir
+    from .pipeline import image_batches, model_batch
+    from .stats import StatsCollector, format_table, histogram_figure
+
+    loaded = _load(model, options, quiet)
+    collector = StatsCollector(loaded.module, list(layer_names) or None, bins=bins)
+    if not collector.stats:
+        raise UsageError("the model has no Conv2d or Linear layers; name layers with -l (see 'hookviz layers MODEL')")
+    figure_path = prepare_output_dir(out_dir) / "stats.png"
+    if figure_path.exists() and not overwrite:
+        raise UsageError(f"{figure_path} already exists; pass --overwrite to replace it, or choose another -o")
+    paths = collect_inputs(images)
+    stems = output_stems(paths)
+    failed = 0
+    for prepared, errors in image_batches([(path, stems[path]) for path in paths], loaded, crop=crop,
+                                          batch_size=batch_size or default_batch_size(loaded.device),
+                                          workers=workers, max_pixels=max_pixels):
+        for record in errors:
+            failed += 1
+            click.echo(f"hookviz: error: {record.error}", err=True)
+        if prepared:
+            collector.update(model_batch(prepared, loaded)[:len(prepared)])
+    if collector.images == 0:
+        raise UsageError("no image could be read; nothing to measure")
+    results = collector.results()
+    histogram_figure(results, figure_path)
+    if as_json:
+        for name, layer_stats in results.items():
+            click.echo(json.dumps({"layer": name, **layer_stats.as_dict()}))
+    else:
+        click.echo(format_table(results))
+    if not quiet:
+        click.echo(f"hookviz: {collector.images} image(s), {len(results)} layer(s); histograms in {figure_path}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("image")
+@click.option("-c", "--class", "class_value", metavar="C", help="Class whose score is backpropagated (default: the top-1 prediction).")
+@click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the trace as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr except errors.")
+@apply(MODEL_OPTIONS)
+@reports_errors
+def trace(model: str, image: str, class_value: str | None, crop: bool, as_json: bool, quiet: bool, **options: Any) -> None:
+    """Print every module's forward inputs and outputs, then the gradients flowing back, for one image.
+
+    Forward rows come in execution order with shapes and value ranges; backward
+    rows in the order autograd reaches each module's output, with the gradient's
+    shape and norm (zero and non-finite gradients are flagged). Gradients are read
+    with tensor hooks, so in-place ops and the model's parameters are left alone.
+
+    \b
+    Examples:
+      hookviz trace resnet18 cat.jpg
+      hookviz trace model.pt2 cat.jpg -c 281 --json | jq '.events[] | select(.direction == "backward") | .output.norm'
+    """
+    from .pipeline import prepare_image
+    from .trace import format_trace, trace_model
+
+    loaded = _load(model, options, quiet)
+    class_index = loaded.class_index(class_value) if class_value is not None else None
+    prepared = prepare_image(Path(image), Path(image).stem, loaded.preprocessing, crop)  # InputError: exit 1
+    batch = prepared.tensor[None].to(loaded.device)
+    if loaded.fixed_batch is not None:
+        batch = batch.expand(loaded.fixed_batch, *batch.shape[1:])
+    result = trace_model(loaded.module, batch, class_index=class_index, output_key=loaded.output_key)
+    if as_json:
+        click.echo(json.dumps(result.as_json()))
+    else:
+        click.echo(format_trace(result))
+    if not quiet:
+        label = loaded.label(result.classes[0])
+        click.echo(f"hookviz: traced {len(result.forward)} module calls and {len(result.backward)} gradients "
+                   f"for class {result.classes[0]} ({label})", err=True)

@@ -15,6 +15,7 @@ from .hooks import capture, run_model
 from .models import LoadedModel
 from .output import safe_name, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
+from .spatial import spatial_layout, to_spatial
 from .render import apply_colormap, draw_labels, normalize_map, to_pil
 
 MIN_TILE = 64  # small maps (7x7) are enlarged to at least this many pixels so they stay readable
@@ -136,11 +137,14 @@ class FmapJob:
         layers = options.layers if options.layers_named else [layer for layer in options.layers if layer in activations]
         result = {}
         for layer in layers:
-            activation = activations.get(layer)
-            if activation is None:
+            output = activations.get(layer)
+            if output is None:
                 raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
-            if activation.dim() != 4:
-                raise UsageError(f"layer {layer!r} has output shape {tuple(activation.shape)}, not (N, C, H, W): it has no feature maps to draw")
+            layout = spatial_layout(output.shape, self.loaded.preprocessing.input_size)
+            if layout is None:
+                raise UsageError(f"layer {layer!r} has output shape {tuple(output.shape)}, not (N, C, H, W) maps "
+                                 "or patch tokens: it has no feature maps to draw")
+            activation = to_spatial(output, layout)  # tokens and channels-last outputs as (B, C, h, w)
             maps, channels = selected_channels(activation, options.max_channels)
             raw = activation.detach().float().cpu() if options.save_raw else None
             result[layer] = LayerMaps(maps=maps, channels=channels, shape=tuple(activation.shape[1:]), raw=raw)

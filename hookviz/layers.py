@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from .hooks import capture, run_model
+from .models import select_logits
+from .spatial import Layout, spatial_layout
 
 
 @dataclass
@@ -18,12 +20,12 @@ class LayerInfo:
     parameters: int  # including sub-modules
     calls: int
     is_conv: bool
+    layout: Layout | None = None  # how the output reads as a map (NCHW, channels-last, or tokens on a patch grid)
 
     @property
     def is_spatial(self) -> bool:
-        """A 4-D (N, C, H, W) output with more than one position: something a heatmap can show."""
-        shape = self.output_shape
-        return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+        """An output with more than one position on a grid: something a heatmap can show."""
+        return self.layout is not None
 
 
 def is_conv_layer(module: nn.Module) -> bool:
@@ -49,6 +51,8 @@ class ModelTrace:
 
     layers: list[LayerInfo]
     finish_order: list[str]  # module names in the order their last call returned
+    # Spatial layers where the top class's score depends on more than one position; None if that could not be computed.
+    class_dependent: set[str] | None = None
 
     def default_cam_layer(self) -> str | None:
         """The module whose spatial output comes last, just before global pooling.
@@ -58,29 +62,65 @@ class ModelTrace:
         answer: capture keeps its last call, which is the final activation, and
         post-activation maps are what CAMs need (a pre-activation BatchNorm output
         is mostly negative and leaves Score-CAM and CAM blank).
+
+        Only layers the class score depends on at several positions count: in a
+        vision transformer only the class token reaches the head after the last
+        attention, so the answer there is the last block's first LayerNorm
+        (``encoder_layer_11.ln_1``), the input of that attention.
         """
         by_name = {info.name: info for info in self.layers}
         spatial = [name for name in self.finish_order if by_name[name].is_spatial]
+        if self.class_dependent is not None:
+            spatial = [name for name in spatial if name in self.class_dependent] or spatial
         return spatial[-1] if spatial else None
 
 
 def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu",
                  batch: int = 1) -> ModelTrace:
-    """Run one dummy forward and describe every module, in ``named_modules()`` order."""
+    """Run one forward pass on a fixed random input and describe every module, in ``named_modules()`` order.
+
+    A backward pass from the top class's score then finds which spatial outputs the score depends on.
+    """
     modules = [(name, module) for name, module in model.named_modules() if name]
-    dummy = torch.zeros(batch, 3, *input_size, device=device)
-    with capture(model, [name for name, _ in modules]) as activations:
-        run_model(model, dummy)
+    dummy = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    with capture(model, [name for name, _ in modules], grad=True) as activations:
+        output = run_model(model, dummy)
+        layouts = {name: spatial_layout(tensor.shape, input_size) for name, tensor in activations.items()}
+        class_dependent = _class_dependent(output, {name: activations[name] for name, layout in layouts.items() if layout},
+                                           layouts)
     infos = []
     for name, module in modules:
-        output = activations.get(name)
+        found = activations.get(name)
         infos.append(LayerInfo(
             name=name,
             type=type(module).__name__,
-            output_shape=tuple(output.shape) if output is not None else None,
+            output_shape=tuple(found.shape) if found is not None else None,
             parameters=sum(p.numel() for p in module.parameters()),
             calls=activations.calls.get(name, 0),
             is_conv=is_conv_layer(module),
+            layout=layouts.get(name),
         ))
     finished = list(dict.fromkeys(reversed(activations.order)))[::-1]  # each name at its last finish
-    return ModelTrace(layers=infos, finish_order=finished)
+    return ModelTrace(layers=infos, finish_order=finished, class_dependent=class_dependent)
+
+
+def _class_dependent(output: object, spatial: dict[str, torch.Tensor], layouts: dict[str, Layout | None]) -> set[str] | None:
+    """The spatial layers whose gradient of the top class's score is non-zero at more than one position."""
+    from .spatial import to_spatial
+
+    try:
+        logits = select_logits(output)
+    except Exception:  # no tensor output: keep the shape-only rule
+        return None
+    if logits.dim() != 2 or not logits.requires_grad:
+        return None
+    names = [name for name, tensor in spatial.items() if tensor.requires_grad]
+    score = logits[:, logits[0].argmax()].sum()
+    gradients = torch.autograd.grad(score, [spatial[name] for name in names], allow_unused=True)
+    dependent = set()
+    for name, gradient in zip(names, gradients):
+        if gradient is not None:
+            positions = to_spatial(gradient, layouts[name]).abs().sum(dim=(0, 1))
+            if int((positions > 0).sum()) > 1:
+                dependent.add(name)
+    return dependent

@@ -133,6 +133,23 @@ def prepared_images(inputs: Sequence[tuple[Path, str]], preprocessing: Preproces
     yield from loader
 
 
+def image_batches(inputs: Sequence[tuple[Path, str]], loaded: LoadedModel, *, crop: bool = False, batch_size: int = 8,
+                  workers: int = 0, max_pixels: int | None = None) -> Iterator[tuple[list[PreparedImage], list[Record]]]:
+    """Decoded images in batches of ``batch_size``, each with the error records of the inputs that failed in it."""
+    if loaded.fixed_batch is not None:
+        batch_size = min(batch_size, loaded.fixed_batch)
+    prepared: list[PreparedImage] = []
+    failed: list[Record] = []
+    for slot in prepared_images(inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size,
+                                max_pixels=max_pixels):
+        (prepared if isinstance(slot, PreparedImage) else failed).append(slot)
+        if len(prepared) + len(failed) >= batch_size:
+            yield prepared, failed
+            prepared, failed = [], []
+    if prepared or failed:
+        yield prepared, failed
+
+
 def run_job(
     inputs: Sequence[tuple[Path, str]],
     loaded: LoadedModel,

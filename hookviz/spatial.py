@@ -1,0 +1,71 @@
+"""Seeing a layer's output as a (N, C, h, w) map, whatever its layout.
+
+CNN layers give (N, C, h, w). Vision transformers give tokens (N, T, C): a class
+token (and in some models a distillation token) followed by one token per patch
+of an h x w grid (torchvision ``vit_b_16``: 1 + 14 x 14 at 224 px). Swin's stages
+give channels-last (N, h, w, C). The layout is found from the shape and the model
+input's size: the patch grid has the input's aspect ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_PREFIX_TOKENS = 2  # class token, plus a distillation token in DeiT-style models
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # "nchw", "nhwc" or "tokens"
+    height: int
+    width: int
+    prefix: int = 0  # tokens before the patch grid (dropped)
+
+    def describe(self) -> str:
+        if self.kind == "tokens":
+            return f"{self.prefix} + {self.height}x{self.width} tokens"
+        return f"{self.height}x{self.width} ({self.kind})"
+
+
+def _aspect_error(height: int, width: int, input_size: tuple[int, int]) -> float:
+    return abs(math.log((height / width) / (input_size[0] / input_size[1])))
+
+
+def spatial_layout(shape: tuple[int, ...] | torch.Size, input_size: tuple[int, int]) -> Layout | None:
+    """How to read an output of ``shape`` (batch first) as a map over an input of ``input_size`` (h, w).
+
+    None when it has no spatial extent (a vector, a 1x1 map, a token count with no grid).
+    """
+    shape = tuple(shape)
+    tolerance = math.log(1.5)  # pooling and odd sizes round a map's sides; a wrong reading is off by far more
+    if len(shape) == 4:
+        candidates = [Layout("nchw", shape[2], shape[3]), Layout("nhwc", shape[1], shape[2])]
+        candidates = [c for c in candidates if c.height * c.width > 1 and c.height <= input_size[0] and c.width <= input_size[1]]
+        candidates = [c for c in candidates if _aspect_error(c.height, c.width, input_size) <= tolerance]
+        # Both readings fit only when the channels equal a side (a tiny map): NCHW is the convention.
+        return candidates[0] if candidates else None
+    if len(shape) == 3:
+        tokens = shape[1]
+        for prefix in range(MAX_PREFIX_TOKENS + 1):
+            patches = tokens - prefix
+            if patches < 2:
+                break
+            height = round(math.sqrt(patches * input_size[0] / input_size[1]))
+            if height >= 1 and patches % height == 0:
+                width = patches // height
+                if _aspect_error(height, width, input_size) <= tolerance:
+                    return Layout("tokens", height, width, prefix)
+    return None
+
+
+def to_spatial(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``tensor`` (N, ...) in ``layout`` as (N, C, h, w); differentiable, leading dims beyond N kept as N."""
+    if layout.kind == "nchw":
+        return tensor
+    if layout.kind == "nhwc":
+        return tensor.permute(0, 3, 1, 2)
+    patches = tensor[:, layout.prefix:]
+    return patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], layout.height, layout.width)

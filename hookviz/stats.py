@@ -1,0 +1,422 @@
+"""Activation statistics per layer over any number of images, streamed batch by batch.
+
+    collector = StatsCollector(model)                 # every Conv2d and Linear by default
+    for batch in batches:
+        collector.update(batch)
+    results = collector.results()                     # layer name -> LayerStats
+    print(format_table(results))
+    histogram_figure(results, Path("stats.png"))
+
+Memory does not grow with the number of images: each layer keeps a handful of
+float64 running values, one boolean per channel and a fixed number of histogram
+bins. Each layer's output is reduced inside its forward hook, the moment the
+layer returns, so no batch of activations is kept and in-place ops that run
+later (``ReLU(inplace=True)``) cannot change what is measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .hooks import first_tensor, preserved_state, resolve_layers, run_model
+from .layers import is_conv_layer
+
+DEFAULT_BINS = 100
+# Bins narrower than float32's spacing at the data's magnitude would only show rounding.
+_FLOAT32_MANTISSA_BITS = 24
+_SMALLEST_BIN_EXPONENT = -1000  # for all-zero data; keeps 2**k a normal float64
+
+
+# --- which layers -------------------------------------------------------------------------------------
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """A fully connected layer: nn.Linear, or an unflattened torch.export module with a 2-D weight and a linear op."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() != 2:
+        return False
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return False
+    return any(node.op == "call_function" and _is_linear_op(str(node.target)) for node in graph.nodes)
+
+
+def _is_linear_op(target: str) -> bool:
+    return "linear" in target or "addmm" in target
+
+
+def stats_layer_names(model: nn.Module) -> list[str]:
+    """The default layers for statistics: every conv and linear layer, in ``named_modules()`` order."""
+    return [name for name, module in model.named_modules()
+            if name and (is_conv_layer(module) or is_linear_layer(module))]
+
+
+# --- one layer's running statistics ----------------------------------------------------------------
+
+
+@dataclass
+class LayerStats:
+    """Running statistics of one layer's output values, updated one tensor at a time.
+
+    What is computed, over every finite value the layer produced for every image:
+
+    * ``mean``, ``std`` (population std, i.e. ``correction=0``: the values are
+      all the values, not a sample), ``min``, ``max``. Batches are merged with
+      Chan et al.'s parallel update in float64, which stays accurate where a
+      plain sum of squares would cancel.
+    * ``zero_fraction``: the fraction of output values ``<= 0``, i.e. the
+      fraction a ReLU applied to this output would set to zero.
+    * ``dead_channels``: channels (dim 1 of a conv output; the last dim, one
+      per output feature, of a linear output) with no value ``> 0`` for any
+      input at any position: a ReLU after them always outputs zero.
+    * ``nonfinite``: NaN and infinite values are counted here and left out of
+      everything else, so one overflow does not turn every statistic into NaN.
+
+    Histogram bins: ``bins`` bins of width ``2**k`` whose edges are multiples of
+    the width. ``k`` is the smallest exponent for which such bins cover the
+    values seen so far (but never narrower than float32 resolution). When new
+    values fall outside, ``k`` grows and the old counts are merged exactly into
+    the wider bins (each new bin is a union of whole old bins, because all edges
+    lie on one power-of-two grid). So no value is ever clamped or dropped, memory
+    is fixed, the values always span at least half of the bins, and the
+    histogram depends only on the values, not on how they were split into
+    batches: two updates give exactly the counts of one update with both.
+    """
+
+    bins: int = DEFAULT_BINS
+    channel_dim: int = 1  # -1 for a linear layer's output features
+    values_seen: int = field(default=0, init=False)  # every value, finite or not; 0 means the layer never ran
+    count: int = field(default=0, init=False)  # finite values
+    nonpositive: int = field(default=0, init=False)
+    _mean: float = field(default=0.0, init=False, repr=False)
+    _m2: float = field(default=0.0, init=False, repr=False)  # sum of squared deviations from the mean
+    _min: float = field(default=math.inf, init=False, repr=False)
+    _max: float = field(default=-math.inf, init=False, repr=False)
+    _active: torch.Tensor | None = field(default=None, init=False, repr=False)  # (channels,) bool: ever > 0
+    _counts: torch.Tensor = field(init=False, repr=False)
+    _exponent: int = field(default=_SMALLEST_BIN_EXPONENT, init=False, repr=False)  # bin width is 2**_exponent
+    _first_bin: int = field(default=0, init=False, repr=False)  # left edge of bin 0 is _first_bin * 2**_exponent
+
+    def __post_init__(self) -> None:
+        if self.bins < 2:
+            raise ValueError(f"bins must be at least 2, got {self.bins}")
+        self._counts = torch.zeros(self.bins, dtype=torch.int64)
+
+    def update(self, tensor: torch.Tensor) -> None:
+        """Add every value of ``tensor`` (a layer's output for a batch) to the statistics."""
+        values = tensor.detach()
+        if not values.is_floating_point():
+            values = values.double()
+        self.values_seen += values.numel()
+        self._update_channels(values)
+        finite = values.flatten()
+        if not bool(torch.isfinite(finite).all()):
+            finite = finite[torch.isfinite(finite)]
+        if finite.numel() == 0:
+            return
+        finite = finite.double()
+        self._update_moments(finite)
+        self.nonpositive += int((finite <= 0).sum())
+        self._update_histogram(finite)
+
+    def _update_channels(self, values: torch.Tensor) -> None:
+        # A 0-D or 1-D output has no channel axis: the whole output counts as one channel.
+        per_channel = values.gt(0).reshape(1, -1) if values.dim() < 2 else values.gt(0).movedim(self.channel_dim, 0).flatten(1)
+        active = per_channel.any(dim=1).cpu()
+        if self._active is None:
+            self._active = active
+        elif self._active.shape != active.shape:
+            raise ValueError(f"the layer's channel count changed from {self._active.numel()} to {active.numel()}")
+        else:
+            self._active |= active
+
+    def _update_moments(self, values: torch.Tensor) -> None:
+        n = values.numel()
+        batch_mean = float(values.mean())
+        batch_m2 = float((values - batch_mean).square().sum())
+        total = self.count + n
+        delta = batch_mean - self._mean
+        self._mean += delta * n / total
+        self._m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+        self._min = min(self._min, float(values.min()))
+        self._max = max(self._max, float(values.max()))
+
+    def _update_histogram(self, values: torch.Tensor) -> None:
+        """Called after _update_moments: the grid must hold every value seen so far, these included."""
+        exponent, first = _bin_grid(self._min, self._max, self.bins)
+        self._regrid(exponent, first)
+        # Dividing by a power of two is exact, so a value's bin index is exact too; the clamp is only a guard.
+        index = torch.floor(values / math.ldexp(1.0, exponent)).long() - first
+        self._counts += torch.bincount(index.clamp_(0, self.bins - 1), minlength=self.bins).cpu()
+
+    def _regrid(self, exponent: int, first: int) -> None:
+        """Move the counts onto a grid at least as coarse; every old bin lies inside one new bin."""
+        if (exponent, first) == (self._exponent, self._first_bin):
+            return
+        shift = exponent - self._exponent
+        counts = torch.zeros_like(self._counts)
+        for old in torch.nonzero(self._counts).flatten().tolist():
+            # Python's >> floors, also for negative bin numbers.
+            counts[((self._first_bin + old) >> shift) - first] += self._counts[old]
+        self._counts, self._exponent, self._first_bin = counts, exponent, first
+
+    # --- results ---------------------------------------------------------------------------------------
+
+    @property
+    def ran(self) -> bool:
+        return self.values_seen > 0
+
+    @property
+    def mean(self) -> float:
+        return self._mean if self.count else math.nan
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self._m2, 0.0) / self.count) if self.count else math.nan
+
+    @property
+    def min(self) -> float:
+        return self._min if self.count else math.nan
+
+    @property
+    def max(self) -> float:
+        return self._max if self.count else math.nan
+
+    @property
+    def nonfinite(self) -> int:
+        return self.values_seen - self.count
+
+    @property
+    def zero_fraction(self) -> float:
+        """Fraction of the (finite) output values that are <= 0: what a ReLU would zero."""
+        return self.nonpositive / self.count if self.count else math.nan
+
+    @property
+    def channels(self) -> int:
+        return 0 if self._active is None else self._active.numel()
+
+    @property
+    def dead_channels(self) -> list[int]:
+        """Channels never > 0 for any input at any position."""
+        if self._active is None:
+            return []
+        return torch.nonzero(~self._active).flatten().tolist()
+
+    def histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, edges): ``bins`` int64 counts and ``bins + 1`` float64 edges; counts sum to ``count``."""
+        width = math.ldexp(1.0, self._exponent)
+        edges = (torch.arange(self.bins + 1, dtype=torch.float64) + self._first_bin) * width
+        return self._counts.clone(), edges
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly: plain numbers and lists; NaN/inf become None."""
+        counts, edges = self.histogram()
+        return {
+            "values": self.count,
+            "nonfinite": self.nonfinite,
+            "mean": _json_float(self.mean),
+            "std": _json_float(self.std),
+            "min": _json_float(self.min),
+            "max": _json_float(self.max),
+            "zero_fraction": _json_float(self.zero_fraction),
+            "channels": self.channels,
+            "dead_channels": self.dead_channels,
+            "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        }
+
+
+def _bin_grid(low: float, high: float, bins: int) -> tuple[int, int]:
+    """(k, first): the smallest power-of-two width 2**k whose aligned bins [first*2**k, (first+bins)*2**k) hold [low, high].
+
+    A pure function of (low, high), and never smaller for a wider range; this is
+    what makes the histogram independent of how values are split into batches.
+    """
+    magnitude = max(abs(low), abs(high))
+    exponent = _SMALLEST_BIN_EXPONENT if magnitude == 0 else max(
+        _SMALLEST_BIN_EXPONENT, math.frexp(magnitude)[1] - _FLOAT32_MANTISSA_BITS)
+    if high > low:
+        # Narrower bins cannot cover the span ((bins + 1) * 2**k > high - low); two less for log2's rounding.
+        exponent = max(exponent, math.ceil(math.log2((high - low) / bins)) - 2)
+    while True:
+        width = math.ldexp(1.0, exponent)
+        first = math.floor(low / width)
+        if math.floor(high / width) - first < bins:
+            return exponent, first
+        exponent += 1
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# --- running a model --------------------------------------------------------------------------------
+
+
+class StatsCollector:
+    """Feed batches through a model and accumulate per-layer statistics.
+
+    Each ``update`` is one forward pass without autograd, in eval mode; hooks
+    exist only during that pass and modes/``.grad`` are restored after it. A
+    module that runs several times in one forward pass (a shared activation)
+    counts every call.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, bins: int = DEFAULT_BINS) -> None:
+        names = list(layers) if layers is not None else stats_layer_names(model)
+        self.model = model
+        self.modules = resolve_layers(model, names)  # unknown names fail here, with suggestions
+        self.stats = {name: LayerStats(bins=bins, channel_dim=-1 if is_linear_layer(module) else 1)
+                      for name, module in self.modules.items()}
+        self.images = 0
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Run ``batch`` (N, C, H, W) through the model and add every layer's output to its statistics."""
+        handles = []
+        try:
+            with torch.no_grad(), preserved_state(self.model):
+                for name, module in self.modules.items():
+                    handles.append(module.register_forward_hook(self._hook(self.stats[name])))
+                run_model(self.model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.images += batch.shape[0]
+
+    @staticmethod
+    def _hook(stats: LayerStats):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            # Reduced right here, before any later in-place op can overwrite the output.
+            tensor = first_tensor(output)
+            if tensor is not None:
+                stats.update(tensor)
+
+        return hook
+
+    def results(self) -> dict[str, LayerStats]:
+        """Layer name -> statistics, in the order the layers were given (a layer that never ran has ``ran == False``)."""
+        return dict(self.stats)
+
+
+def collect_stats(model: nn.Module, batches: Any, layers: Sequence[str] | None = None,
+                  bins: int = DEFAULT_BINS) -> dict[str, LayerStats]:
+    """Statistics over an iterable of batches, in one call."""
+    collector = StatsCollector(model, layers, bins=bins)
+    for batch in batches:
+        collector.update(batch)
+    return collector.results()
+
+
+# --- reporting ------------------------------------------------------------------------------------
+
+
+def format_table(results: Mapping[str, LayerStats]) -> str:
+    """An aligned text table: one line per layer."""
+    header = ["layer", "mean", "std", "min", "max", "<=0", "dead", "values"]
+    rows = [header]
+    for name, stats in results.items():
+        if not stats.ran:
+            rows.append([name, "did not run", "", "", "", "", "", "0"])
+            continue
+        values = f"{stats.count:,}" + (f" (+{stats.nonfinite:,} non-finite)" if stats.nonfinite else "")
+        rows.append([name, _number(stats.mean), _number(stats.std), _number(stats.min), _number(stats.max),
+                     _percent(stats.zero_fraction), f"{len(stats.dead_channels)}/{stats.channels}", values])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:-1])]
+        lines.append("  ".join(cells + [row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.4g}"
+
+
+def _percent(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.1%}"
+
+
+ROW_HEIGHT_INCHES = 1.9  # one layer's histogram, with its title and tick labels
+ROW_GAP_INCHES = 0.55
+TOP_INCHES = 0.35  # room for the first row's title
+BOTTOM_INCHES = 0.4  # room for the last row's tick labels
+FIGURE_WIDTH_INCHES = 9.0
+FIGURE_DPI = 100
+
+
+def histogram_figure(results: Mapping[str, LayerStats], path: Path) -> Path:
+    """One PNG, one histogram row per layer (log-scale counts), written atomically."""
+    from .output import write_png
+
+    figure = _histogram_figure(results)
+    image = _render(figure)
+    return write_png(image, Path(path), {"hookviz:layers": ",".join(results)})
+
+
+def _histogram_figure(results: Mapping[str, LayerStats]):
+    from matplotlib.figure import Figure
+
+    rows = max(1, len(results))
+    height = TOP_INCHES + BOTTOM_INCHES + ROW_HEIGHT_INCHES * rows - ROW_GAP_INCHES
+    figure = Figure(figsize=(FIGURE_WIDTH_INCHES, height), dpi=FIGURE_DPI)
+    # Margins fixed in inches rather than constrained layout: the same look at any row count, and 5x faster to draw.
+    axes = figure.subplots(rows, 1, squeeze=False, gridspec_kw={
+        "left": 0.8 / FIGURE_WIDTH_INCHES, "right": 1 - 0.2 / FIGURE_WIDTH_INCHES,
+        "top": 1 - TOP_INCHES / height, "bottom": BOTTOM_INCHES / height,
+        "hspace": ROW_GAP_INCHES / (ROW_HEIGHT_INCHES - ROW_GAP_INCHES)})[:, 0]
+    for ax, (name, stats) in zip(axes, results.items()):
+        _draw_histogram(ax, name, stats)
+    if not results:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no layers", ha="center", va="center")
+    return figure
+
+
+def _draw_histogram(ax, name: str, stats: LayerStats) -> None:
+    if not stats.count:
+        ax.set_title(name, loc="left", fontsize=10, fontweight="bold")
+        ax.text(0.5, 0.5, "did not run" if not stats.ran else "no finite values", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_yticks([])
+        ax.set_xticks([])
+        return
+    counts, edges = _trimmed(*stats.histogram())
+    # Counts span orders of magnitude (a spike at 0 after a ReLU); a log axis keeps the tails visible.
+    ax.stairs(counts.tolist(), edges.tolist(), fill=True, color="tab:blue", baseline=0.5)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5, top=max(2.0, float(counts.max()) * 2))
+    if edges[0] < 0 < edges[-1]:
+        ax.axvline(0.0, color="0.3", linewidth=0.8, linestyle="--")
+    ax.set_xlim(float(edges[0]), float(edges[-1]))
+    ax.set_ylabel("count", fontsize=8)
+    ax.tick_params(labelsize=8)
+    dead = len(stats.dead_channels)
+    ax.set_title(name, loc="left", fontsize=10, fontweight="bold")
+    ax.set_title(f"mean {stats.mean:.3g}  std {stats.std:.3g}  range [{stats.min:.3g}, {stats.max:.3g}]  "
+                 f"<=0: {stats.zero_fraction:.1%}  dead: {dead}/{stats.channels}", loc="right", fontsize=8,
+                 color="tab:red" if dead else "black")
+
+
+def _trimmed(counts: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the empty bins at both ends, so the axis shows where the values are."""
+    filled = torch.nonzero(counts).flatten()
+    start, stop = int(filled[0]), int(filled[-1]) + 1
+    return counts[start:stop], edges[start:stop + 1]
+
+
+def _render(figure):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
