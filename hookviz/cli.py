@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -215,6 +216,21 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
+@contextmanager
+def _tensorboard_images(log_dir: Path | None) -> Iterator[Any]:
+    """An ImageSink writing to ``log_dir`` for the block (None without --tensorboard); closed even on errors."""
+    if log_dir is None:
+        yield None
+        return
+    from .tensorboard import ImageSink, summary_writer
+
+    sink = ImageSink(summary_writer(log_dir))
+    try:
+        yield sink
+    finally:
+        sink.close()
+
+
 def _batch_options(options: dict[str, Any]) -> dict[str, Any]:
     return {key: options.pop(key) for key in BATCH_KEYS}
 
@@ -282,11 +298,13 @@ def layers(model: str, as_json: bool, show_all: bool, **options: Any) -> None:
 @click.option("--cmap", default="viridis", show_default=True, help="A matplotlib colormap name.")
 @click.option("--save-raw", is_flag=True, help="Also write each layer's output as float32 .npy (C, h, w).")
 @click.option("--no-index", is_flag=True, help="Do not print channel indices on the tiles.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
 @apply(MODEL_OPTIONS)
 @apply(IMAGE_OPTIONS)
 @reports_errors
 def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max_channels: int, cmap: str,
-          save_raw: bool, no_index: bool, **options: Any) -> None:
+          save_raw: bool, no_index: bool, tensorboard_dir: Path | None, **options: Any) -> None:
     """Write a feature-map grid per image and layer: DIR/<image-stem>/fmap_<layer>.png.
 
     \b
@@ -307,9 +325,12 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
         raise UsageError("the model has no Conv2d layers; name layers with -l (see 'hookviz layers MODEL')")
     resolve_layers(loaded.module, names)
     colormap_lut(cmap)  # an unknown colormap fails before any work
-    job = FmapJob(loaded, FmapOptions(out_dir=batch["out_dir"], layers=names, max_channels=max_channels, cmap=cmap,
-                                      save_raw=save_raw, label_channels=not no_index, layers_named=bool(layer_names)))
-    sys.exit(_run_images(loaded, job, images, batch))
+    with _tensorboard_images(tensorboard_dir) as sink:
+        job = FmapJob(loaded, FmapOptions(out_dir=batch["out_dir"], layers=names, max_channels=max_channels, cmap=cmap,
+                                          save_raw=save_raw, label_channels=not no_index, layers_named=bool(layer_names),
+                                          tensorboard=sink))
+        code = _run_images(loaded, job, images, batch)
+    sys.exit(code)
 
 
 @main.command()
@@ -321,11 +342,14 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Heatmap opacity.")
 @click.option("--cmap", default="jet", show_default=True, help="A matplotlib colormap name.")
 @click.option("--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1].")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
 @apply(MODEL_OPTIONS)
 @apply(IMAGE_OPTIONS)
 @reports_errors
 def gradcam(model: str, images: tuple[str, ...], class_values: tuple[str, ...], top_k: int, method: str,
-            layer_name: str | None, alpha: float, cmap: str, save_raw: bool, **options: Any) -> None:
+            layer_name: str | None, alpha: float, cmap: str, save_raw: bool, tensorboard_dir: Path | None,
+            **options: Any) -> None:
     """Write CAM heatmap overlays: DIR/<image-stem>/<method>_<layer>_c<class>.png.
 
     Overlays have the original image's size; with --crop, what the model did not see is dimmed.
@@ -344,10 +368,13 @@ def gradcam(model: str, images: tuple[str, ...], class_values: tuple[str, ...], 
     batch = _batch_options(options)
     loaded, classes, layer_name = _explain_setup(model, options, class_values, top_k, layer_name, batch["quiet"])
     colormap_lut(cmap)
-    job = CamJob(loaded, CamOptions(out_dir=batch["out_dir"], layer=layer_name, method=method, classes=classes,
-                                    top_k=top_k, alpha=alpha, cmap=cmap, save_raw=save_raw,
-                                    score_batch_size=batch["batch_size"] or default_batch_size(loaded.device)))
-    sys.exit(_run_images(loaded, job, images, batch))
+    with _tensorboard_images(tensorboard_dir) as sink:
+        job = CamJob(loaded, CamOptions(out_dir=batch["out_dir"], layer=layer_name, method=method, classes=classes,
+                                        top_k=top_k, alpha=alpha, cmap=cmap, save_raw=save_raw,
+                                        score_batch_size=batch["batch_size"] or default_batch_size(loaded.device),
+                                        tensorboard=sink))
+        code = _run_images(loaded, job, images, batch)
+    sys.exit(code)
 
 
 def _explain_setup(model: str, options: dict[str, Any], class_values: tuple[str, ...], top_k: int,
@@ -415,11 +442,13 @@ def guided(model: str, images: tuple[str, ...], class_values: tuple[str, ...], t
 @click.option("--max-pixels", type=click.IntRange(min=1), metavar="N", help="Refuse larger images (default: Pillow's limit).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per layer (JSON Lines) instead of the table.")
 @click.option("-q", "--quiet", is_flag=True, help="No messages on stderr except errors.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
 @apply(MODEL_OPTIONS)
 @reports_errors
 def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bins: int, out_dir: Path, overwrite: bool,
           crop: bool, batch_size: int | None, workers: int, max_pixels: int | None, as_json: bool, quiet: bool,
-          **options: Any) -> None:
+          tensorboard_dir: Path | None, **options: Any) -> None:
     """Activation statistics per layer over all images: mean, std, min, max, zeros, dead channels, histogram.
 
     A zero is a value a ReLU would zero (<= 0); a dead channel is never > 0 on any
@@ -460,6 +489,12 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
         raise UsageError("no image could be read; nothing to measure")
     results = collector.results()
     histogram_figure(results, figure_path)
+    if tensorboard_dir is not None:
+        from .tensorboard import add_layer_statistics, summary_writer
+
+        writer = summary_writer(tensorboard_dir)
+        add_layer_statistics(writer, results)
+        writer.close()
     if as_json:
         for name, layer_stats in results.items():
             click.echo(json.dumps({"layer": name, **layer_stats.as_dict()}))

@@ -29,6 +29,7 @@ class CamOptions:
     save_raw: bool = False
     predictions: int = 5  # how many top predictions each JSON record lists
     score_batch_size: int = 32
+    tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
 
 
 class CamJob:
@@ -69,6 +70,9 @@ class CamJob:
                                          options.layer, class_index, label, probability, kind="cam")
             if options.save_raw:
                 output["raw"] = str(write_npy(heat, options.out_dir / item.stem / f"{name}.npy"))
+            if options.tensorboard is not None:
+                rank = f"/top{k + 1}" if not options.classes and options.top_k > 1 else f"/c{class_index}" if options.classes else ""
+                options.tensorboard.add(f"{options.method}/{options.layer}{rank}", picture, str(item.path))
             record.outputs.append(output)
         return record
 

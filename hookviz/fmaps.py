@@ -100,6 +100,7 @@ class FmapOptions:
     save_raw: bool = False
     label_channels: bool = True
     layers_named: bool = True  # False for the default "every Conv2d": convs that do not run (training-only heads) are skipped
+    tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
 
 
 @dataclass
@@ -168,6 +169,8 @@ class FmapJob:
             }
             output = {"kind": "fmap", "layer": layer, "png": str(write_png(grid.image, folder / f"{name}.png", metadata)),
                       "channels": grid.channels}
+            if options.tensorboard is not None:
+                options.tensorboard.add(f"fmaps/{layer}", grid.image, str(item.path))
             if options.save_raw:
                 output["raw"] = str(write_npy(layer_maps.raw[index], folder / f"{name}.npy"))
             record.outputs.append(output)
