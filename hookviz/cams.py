@@ -109,6 +109,7 @@ class CamBatch:
     probabilities: torch.Tensor  # (B, num_classes) softmax of the logits
     layer: str
     method: str
+    layer_calls: int = 1  # how many times the layer ran in the forward pass (the last call is explained)
 
 
 def choose_classes(logits: torch.Tensor, classes: Sequence[int] | None, top_k: int) -> torch.Tensor:
@@ -156,12 +157,18 @@ def compute_cams(
     top_k: int = 1,
     output_key: str | None = None,
     score_batch_size: int = 32,
+    layer_calls: int | None = None,
 ) -> CamBatch:
-    """Explain ``classes`` (or each image's top-k predictions) for a batch of model inputs at ``layer``."""
+    """Explain ``classes`` (or each image's top-k predictions) for a batch of model inputs at ``layer``.
+
+    A layer that runs several times per forward pass is explained at its last call;
+    pass ``layer_calls`` (the ``CamBatch.layer_calls`` of an earlier batch) so that
+    autograd does not record the calls before it.
+    """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     needs_grad = method in GRADIENT_METHODS
-    with capture(model, [layer], grad=needs_grad) as activations:
+    with capture(model, [layer], grad=needs_grad, leaf_calls={layer: layer_calls or 1}) as activations:
         output = run_model(model, batch)
         logits = select_logits(output, output_key)
         if logits.dim() != 2:
@@ -173,6 +180,9 @@ def compute_cams(
         if layout is None:
             raise UsageError(f"layer {layer!r} has output shape {tuple(output.shape)}, not a spatial map "
                              "(N, C, H, W) or patch tokens; choose another with -l")
+        if needs_grad and not output.requires_grad:  # it ran fewer times than layer_calls said: start over
+            return compute_cams(model, batch, layer=layer, method=method, classes=classes, top_k=top_k,
+                                output_key=output_key, score_batch_size=score_batch_size)
         activation = to_spatial(output.detach(), layout)  # tokens and channels-last outputs as (B, C, h, w)
         chosen = choose_classes(logits.detach(), classes, top_k)
         if needs_grad:
@@ -186,7 +196,8 @@ def compute_cams(
     if method == "scorecam":  # its many masked forward passes run without the capture hook
         with preserved_state(model):
             maps = score_cam(model, batch, activation, chosen, output_key, score_batch_size)
-    return CamBatch(maps=maps.detach(), classes=chosen, probabilities=logits.detach().softmax(dim=1), layer=layer, method=method)
+    return CamBatch(maps=maps.detach(), classes=chosen, probabilities=logits.detach().softmax(dim=1), layer=layer,
+                    method=method, layer_calls=activations.calls.get(layer, 1))
 
 
 def _linear_head(model: nn.Module, activation: torch.Tensor, logits: torch.Tensor, layer: str) -> torch.Tensor:

@@ -39,6 +39,7 @@ class CamJob:
 
     def __init__(self, loaded: LoadedModel, options: CamOptions):
         self.loaded, self.options = loaded, options
+        self.layer_calls: int | None = None  # learnt from the first batch: see compute_cams
 
     def settings(self) -> dict[str, Any]:
         return _settings(self.options, method=self.options.method, alpha=self.options.alpha, cmap=self.options.cmap,
@@ -52,8 +53,9 @@ class CamJob:
         result = compute_cams(
             self.loaded.module, model_batch(batch, self.loaded), layer=options.layer, method=options.method,
             classes=options.classes, top_k=options.top_k, output_key=self.loaded.output_key,
-            score_batch_size=options.score_batch_size,
+            score_batch_size=options.score_batch_size, layer_calls=self.layer_calls,
         )
+        self.layer_calls = result.layer_calls
         return CamBatch(maps=normalize_map(result.maps.float().cpu()), classes=result.classes.cpu(),
                         probabilities=result.probabilities.float().cpu(), layer=result.layer, method=result.method)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -83,24 +83,36 @@ def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[str], *, grad: bool = False, eval_mode: bool = True) -> Iterator[Activations]:
+def capture(model: nn.Module, layers: Sequence[str], *, grad: bool = False, eval_mode: bool = True,
+            leaf_calls: Mapping[str, int] | None = None) -> Iterator[Activations]:
     """Record the outputs of ``layers`` during the forward passes run inside the block.
 
     With ``grad=True``, captured tensors can be differentiated against
     (``torch.autograd.grad``); autograd records only the part of the network
     from the first captured layer on.
+
+    ``leaf_calls`` is for a module that runs several times per forward pass (one
+    activation module shared by every block), where the last call is the one to
+    explain: autograd starts at that layer's given call instead of its first, and
+    every later call starts a fresh graph, so neither the forward pass nor the
+    backward pass pays for the blocks in between.
     """
     modules = resolve_layers(model, layers)
     activations = Activations()
+    leaf_calls = dict(leaf_calls or {})
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             tensor = first_tensor(output)
             if tensor is None:
                 return None
-            activations.calls[name] = activations.calls.get(name, 0) + 1
+            call = activations.calls[name] = activations.calls.get(name, 0) + 1
             activations.order.append(name)
-            if grad and not torch.is_grad_enabled() and tensor.is_floating_point():
+            if name in leaf_calls:
+                becomes_leaf = call >= leaf_calls[name]
+            else:
+                becomes_leaf = not torch.is_grad_enabled()
+            if grad and becomes_leaf and tensor.is_floating_point():
                 # From here on autograd records: the captured tensor is a leaf, the rest of the network sees a copy.
                 tensor = tensor.detach().requires_grad_(True)
                 torch.set_grad_enabled(True)

@@ -328,6 +328,32 @@ def test_shared_activation_module_is_explained_at_its_last_call(method):
     assert_maps_match(result.maps, expected_maps(model, x, method, top1, layer="relu1"))
 
 
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_shared_module_records_autograd_only_from_its_last_call(method):
+    """Told how often the layer runs, autograd skips the earlier calls: same maps, a shorter graph."""
+    model = SharedReluCNN(num_classes=NUM_CLASSES).eval()
+    x = random_batch(2, seed=15)
+    first = compute_cams(model, x, layer="relu1", method=method)
+    assert first.layer_calls == 2
+    recorded = []
+    hook = model.conv2.register_forward_hook(lambda module, inputs, output: recorded.append(inputs[0].requires_grad))
+    try:
+        learnt = compute_cams(model, x, layer="relu1", method=method, layer_calls=first.layer_calls)
+    finally:
+        hook.remove()
+    assert recorded == [False], "conv2 runs between the two calls: with layer_calls=2 it must run without autograd"
+    torch.testing.assert_close(learnt.maps, first.maps)
+    top1 = reference_logits(model, x).argmax(dim=1)[:, None]
+    assert_maps_match(learnt.maps, expected_maps(model, x, method, top1, layer="relu1"))
+
+
+def test_layer_calls_larger_than_the_real_count_falls_back_to_the_last_call():
+    model = SharedReluCNN(num_classes=NUM_CLASSES).eval()
+    x = random_batch(2, seed=16)
+    result = compute_cams(model, x, layer="relu1", layer_calls=5)
+    torch.testing.assert_close(result.maps, compute_cams(model, x, layer="relu1").maps)
+
+
 def _hook_count(model: nn.Module) -> int:
     names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return sum(len(getattr(module, name, {})) for module in model.modules() for name in names)
