@@ -13,7 +13,7 @@ from PIL import Image
 from .errors import UsageError
 from .hooks import capture, run_model
 from .models import LoadedModel
-from .output import safe_name, write_npy, write_png
+from .output import layer_file_names, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
 from .spatial import spatial_layout, to_spatial
 from .render import apply_colormap, draw_labels, normalize_map, to_pil
@@ -125,7 +125,7 @@ class FmapJob:
                 "save_raw": options.save_raw, "label_channels": options.label_channels}
 
     def output_patterns(self) -> list[str]:
-        return [f"fmap_{safe_name(layer)}.png" for layer in self.options.layers]
+        return [f"fmap_{name}.png" for name in layer_file_names(self.options.layers).values()]
 
     def compute(self, batch: list[PreparedImage]) -> dict[str, LayerMaps]:
         """Per layer, the channels to draw (and the whole output with --save-raw).
@@ -154,11 +154,12 @@ class FmapJob:
     def write(self, item: PreparedImage, index: int, result: dict[str, LayerMaps]) -> Record:
         options = self.options
         record = Record(input=str(item.path))
+        file_names = layer_file_names(options.layers)
         for layer, layer_maps in result.items():
             shape = layer_maps.shape
             grid = channel_grid(layer_maps.maps[index], layer_maps.channels[index].tolist(), shape[0], cmap=options.cmap,
                                 label_channels=options.label_channels)
-            folder, name = options.out_dir / item.stem, f"fmap_{safe_name(layer)}"
+            folder, name = options.out_dir / item.stem, f"fmap_{file_names[layer]}"
             metadata = {
                 "hookviz:layer": layer,
                 "hookviz:shape": "x".join(map(str, shape)),

@@ -347,8 +347,10 @@ def _build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detecte
         module = get_model(arch, weights=None, num_classes=num_classes) if num_classes else get_model(arch, weights=None)
         module.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).splitlines()[0]
-        raise UsageError(f"{spec} does not fit --arch {arch} ({first}); check --arch, or export the model to .pt2") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__  # line 0 only names the class
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise UsageError(f"{spec} does not fit --arch {arch} ({detail}); check --arch, or export the model to .pt2") from None
     reference = get_model_weights(arch).DEFAULT
     categories = reference.meta.get("categories")
     labels = list(categories) if categories and num_classes in (None, len(categories)) else None
@@ -384,7 +386,7 @@ def _load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
             "Export the model with torch.export to a .pt2 file, or save its state_dict and use --arch"
         )
     if path.suffix == ".pt2" or any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
-        return _load_exported(path)
+        return _load_exported(path, trust=trust)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -425,11 +427,14 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def _load_exported(path: Path) -> LoadedModel:
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:
-        raise UsageError(f"cannot load {path} as a torch.export program ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+def _load_exported(path: Path, trust: bool = False) -> LoadedModel:
+    """A .pt2 program. torch.export.load unpickles some parts of an archive (sample inputs, opaque
+    constants) with full pickle; without --trust those loads are forced to weights-only."""
+    with _torch_export_log() as messages, _weights_only_unpickling(enabled=not trust):
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:
+            raise UsageError(_export_load_error(path, exc, messages, trust)) from None
     # unflatten keeps the module tree (named_modules), so forward hooks and gradients work.
     module = torch.export.unflatten(program)
     shape = _exported_input_shape(program)
@@ -442,6 +447,62 @@ def _load_exported(path: Path) -> LoadedModel:
         loaded.fixed_batch = int(shape[0])
         loaded.description += f" (fixed batch size {loaded.fixed_batch})"
     return loaded
+
+
+def _export_load_error(path: Path, exc: Exception, messages: list[str], trust: bool) -> str:
+    details = "\n".join(messages + [str(exc)])
+    if not zipfile.is_zipfile(path):
+        return f"{path} is not a torch.export .pt2 archive (not a zip file); save one with torch.export.save"
+    if not trust and "Weights only load failed" in details:
+        return (f"{path} holds pickled Python objects and loading them would run code from the file; "
+                "if you trust its source re-run with --trust, else re-export it without custom objects")
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"cannot load {path} as a torch.export program ({type(exc).__name__}: {first})"
+
+
+@contextlib.contextmanager
+def _torch_export_log() -> Iterator[list[str]]:
+    """Collect torch.export's log messages (it logs tracebacks on stderr for broken files) instead of printing them."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f": {record.exc_info[1]}"
+            messages.append(text)
+
+    logger = logging.getLogger("torch.export")
+    handlers, propagate = logger.handlers[:], logger.propagate  # torch's logging setup gives it a handler of its own
+    logger.handlers = [Collect()]
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.handlers = handlers
+        logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling(enabled: bool) -> Iterator[None]:
+    """Force every torch.load in the block to weights_only=True (torch's own switch; it overrides explicit False)."""
+    import os
+
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.get(name) for name in names}
+    if enabled:
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # both set is an error in torch.load
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _exported_input_shape(program: Any) -> tuple[Any, ...] | None:

@@ -29,14 +29,20 @@ def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
 
     Computed over the whole input list, so two inputs never share a directory.
     """
-    stems = {path: safe_name(path.stem) for path in paths}
+    return dict(zip(paths, _unique([safe_name(path.stem) for path in paths], [str(path) for path in paths])))
+
+
+def layer_file_names(layers: Sequence[str]) -> dict[str, str]:
+    """A file-name part per layer name; ``stem/conv`` and ``stem_conv`` sanitize alike, so they get a hash suffix."""
+    return dict(zip(layers, _unique([safe_name(layer) for layer in layers], list(layers))))
+
+
+def _unique(names: list[str], sources: list[str]) -> list[str]:
     counts: dict[str, int] = {}
-    for stem in stems.values():
-        counts[stem] = counts.get(stem, 0) + 1
-    return {
-        path: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-        for path, stem in stems.items()
-    }
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [name if counts[name] == 1 else f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+            for name, source in zip(names, sources)]
 
 
 def prepare_output_dir(directory: Path) -> Path:
