@@ -26,11 +26,22 @@ $(DEMO_MODEL): $(INSTALLED) hookviz/demo.py
 demo: $(DEMO_MODEL)
 	$(BIN)/hookviz fmaps $(DEMO_MODEL) $(SAMPLES) -o $(DEMO_OUT) -q --overwrite \
 		-l _conv_stem -l _blocks.3._expand_conv -l _blocks.8._expand_conv -l _conv_head > /dev/null
-	$(BIN)/hookviz gradcam $(DEMO_MODEL) $(SAMPLES) --labels imagenet --top-k 2 -o $(DEMO_OUT) -q --overwrite > /dev/null
+	$(BIN)/hookviz gradcam $(DEMO_MODEL) $(SAMPLES) --labels imagenet --top-k 2 -o $(DEMO_OUT) -q --overwrite --html > /dev/null
 	@echo "demo: feature-map grids in $(DEMO_OUT)/<image>/fmap_<layer>.png"
 	@echo "demo: Grad-CAM overlays (top-2 classes) in $(DEMO_OUT)/<image>/gradcam__swish_c<class>.png"
+	@echo "demo: all of it in a gallery: $(DEMO_OUT)/index.html"
 
-test: $(INSTALLED)
+# The HTML gallery's browser test (tests/test_gallery.py) renders pages in Debian's chromium: install it when
+# missing (as root, or with passwordless sudo). Without apt the test is skipped, after a warning here.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+		echo "installing chromium (apt-get) for the gallery's browser test" >&2; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	} || echo "warning: could not install chromium with apt-get; the gallery's browser test will be skipped" >&2
+
+test: $(INSTALLED) browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -94,12 +94,13 @@ IMAGE_OPTIONS = [
     click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails (default: report it and go on)."),
     click.option("--max-pixels", type=click.IntRange(min=1), metavar="N",
                  help="Refuse larger images as possible decompression bombs (default: Pillow's limit, about 89 million)."),
+    click.option("--html", is_flag=True, help="Also write DIR/index.html, a gallery of every input's outputs in DIR."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input on stdout (JSON Lines)."),
     click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr, except errors."),
     click.option("-v", "--verbose", is_flag=True, help="One line per input and a timing summary on stderr."),
 ]
 BATCH_KEYS = ("out_dir", "crop", "batch_size", "workers", "shard", "skip_existing", "overwrite", "fail_fast", "max_pixels",
-              "as_json", "quiet", "verbose")
+              "html", "as_json", "quiet", "verbose")
 
 CLASS_OPTIONS = [
     click.option("-c", "--class", "class_values", multiple=True, metavar="C",
@@ -183,6 +184,12 @@ def _run_images(loaded: Any, job: Any, images: tuple[str, ...], batch: dict[str,
                    f"in {elapsed:.1f} s{rate}; outputs under {options.out_dir}/", err=True)
     if verbose:
         click.echo(f"hookviz: time: {run.timings.as_text()}", err=True)
+    if batch["html"]:
+        from .gallery import gallery_from_manifest
+
+        page = gallery_from_manifest(options.out_dir)
+        if not quiet:
+            click.echo(f"hookviz: gallery: {page}", err=True)
     return 1 if counts["error"] else 0
 
 

@@ -56,18 +56,38 @@ def write_gallery(out_dir: Path, records: Iterable[Mapping[str, Any]], header: M
 
 
 def gallery_from_manifest(out_dir: Path) -> Path:
-    """``out_dir/index.html`` from ``out_dir/manifest.jsonl``: each input's latest record, the latest run's header."""
+    """``out_dir/index.html`` from ``out_dir/manifest.jsonl``, with the latest run's header.
+
+    Per input, the latest record of each kind of run (runs with the same options
+    share a key), so a resumed or sharded run shows each input once, and an fmaps
+    run and a gradcam run into the same folder both show their pictures.
+    """
     out_dir = Path(out_dir)
     header: dict[str, Any] = {}
-    latest: dict[str, dict[str, Any]] = {}
+    run_keys: dict[Any, Any] = {}
+    latest: dict[str, dict[Any, dict[str, Any]]] = {}
     for entry in Manifest(out_dir).entries():
         if entry.get("type") == "run":
             header = entry
+            run_keys[entry.get("run")] = entry.get("key")
         elif entry.get("type") == "input" and isinstance(entry.get("input"), str):
-            latest.pop(entry["input"], None)  # a dict keeps insertion order: re-insert so order follows the latest
-            latest[entry["input"]] = entry
-    records = [latest[key] for key in sorted(latest)]  # folder order, however shards interleaved their lines
+            by_key = latest.setdefault(entry["input"], {})
+            key = run_keys.get(entry.get("run"))
+            by_key.pop(key, None)  # re-insert: the last item is the input's most recent record
+            by_key[key] = entry
+    records = [_merged(latest[name]) for name in sorted(latest)]  # folder order, however shards interleaved their lines
     return write_gallery(out_dir, records, header, title=_default_title(header))
+
+
+def _merged(by_key: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """The most recent record, showing the outputs of every kind of run that succeeded on the input."""
+    records = list(by_key.values())
+    merged = dict(records[-1])
+    merged["outputs"] = [output for record in records if record.get("status") in ("ok", "skipped")
+                         for output in record.get("outputs", [])]
+    if not merged.get("predictions"):
+        merged["predictions"] = next((r["predictions"] for r in reversed(records) if r.get("predictions")), None)
+    return merged
 
 
 def _default_title(header: Mapping[str, Any]) -> str:
