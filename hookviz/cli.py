@@ -483,6 +483,11 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
         raise UsageError(f"{figure_path} already exists; pass --overwrite to replace it, or choose another -o")
     paths = collect_inputs(images)
     stems = output_stems(paths)
+    writer = None
+    if tensorboard_dir is not None:  # a missing tensorboard package fails before any work
+        from .tensorboard import summary_writer
+
+        writer = summary_writer(tensorboard_dir)
     failed = 0
     for prepared, errors in image_batches([(path, stems[path]) for path in paths], loaded, crop=crop,
                                           batch_size=batch_size or default_batch_size(loaded.device),
@@ -496,10 +501,9 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
         raise UsageError("no image could be read; nothing to measure")
     results = collector.results()
     histogram_figure(results, figure_path)
-    if tensorboard_dir is not None:
-        from .tensorboard import add_layer_statistics, summary_writer
+    if writer is not None:
+        from .tensorboard import add_layer_statistics
 
-        writer = summary_writer(tensorboard_dir)
         add_layer_statistics(writer, results)
         writer.close()
     if as_json:

@@ -45,7 +45,8 @@ def spatial_layout(shape: tuple[int, ...] | torch.Size, input_size: tuple[int, i
         candidates = [Layout("nchw", shape[2], shape[3]), Layout("nhwc", shape[1], shape[2])]
         candidates = [c for c in candidates if c.height * c.width > 1 and c.height <= input_size[0] and c.width <= input_size[1]]
         candidates = [c for c in candidates if _aspect_error(c.height, c.width, input_size) <= tolerance]
-        # Both readings fit only when the channels equal a side (a tiny map): NCHW is the convention.
+        # The reading closer to the input's aspect ratio wins; on a tie (channels equal to a side) NCHW, the convention.
+        candidates.sort(key=lambda c: _aspect_error(c.height, c.width, input_size))
         return candidates[0] if candidates else None
     if len(shape) == 3:
         tokens = shape[1]
