@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import UsageError
 from .models import LoadedModel
-from .output import output_stems, prepare_output_dir
+from .output import TEMPORARY_SUFFIX, output_stems, prepare_output_dir
 from .pipeline import Job, Record, Timings, run_job
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -171,6 +171,7 @@ def plan_batch(paths: Sequence[Path], loaded: LoadedModel, job: Job, options: Ba
     to_run = [path for path in inputs if str(path) not in skipped]
     if not (options.skip_existing or options.overwrite):
         _refuse_overwrite(to_run, stems, out_dir, job.output_patterns())
+    _remove_temporaries(inputs, stems, out_dir)
     batch_size = options.batch_size or default_batch_size(loaded.device)
     header = {
         "type": "run", "run": uuid.uuid4().hex[:12], "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -204,6 +205,15 @@ def _in_input_order(inputs: list[Path], skipped: dict[str, dict[str, Any]], comp
             yield record
     finally:
         computed.close()
+
+
+def _remove_temporaries(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path) -> None:
+    """Temporary files a killed run left in the folders this run writes (see output.write_png)."""
+    for path in paths:
+        folder = out_dir / stems[path]
+        if folder.is_dir():
+            for temporary in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+                temporary.unlink(missing_ok=True)
 
 
 def _refuse_overwrite(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path, patterns: list[str]) -> None:

@@ -158,12 +158,15 @@ def compute_cams(
     output_key: str | None = None,
     score_batch_size: int = 32,
     layer_calls: int | None = None,
+    fixed_batch: int | None = None,
 ) -> CamBatch:
     """Explain ``classes`` (or each image's top-k predictions) for a batch of model inputs at ``layer``.
 
     A layer that runs several times per forward pass is explained at its last call;
     pass ``layer_calls`` (the ``CamBatch.layer_calls`` of an earlier batch) so that
-    autograd does not record the calls before it.
+    autograd does not record the calls before it. ``fixed_batch``: the model takes
+    exactly that many inputs (a .pt2 exported with a static batch), for Score-CAM's
+    own forward passes.
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -182,7 +185,7 @@ def compute_cams(
                              "(N, C, H, W) or patch tokens; choose another with -l")
         if needs_grad and not output.requires_grad:  # it ran fewer times than layer_calls said: start over
             return compute_cams(model, batch, layer=layer, method=method, classes=classes, top_k=top_k,
-                                output_key=output_key, score_batch_size=score_batch_size)
+                                output_key=output_key, score_batch_size=score_batch_size, fixed_batch=fixed_batch)
         activation = to_spatial(output.detach(), layout)  # tokens and channels-last outputs as (B, C, h, w)
         chosen = choose_classes(logits.detach(), classes, top_k)
         if needs_grad:
@@ -195,7 +198,8 @@ def compute_cams(
             maps = class_activation_map(activation, _linear_head(model, activation, logits.detach(), layer), chosen)
     if method == "scorecam":  # its many masked forward passes run without the capture hook
         with preserved_state(model):
-            maps = score_cam(model, batch, activation, chosen, output_key, score_batch_size)
+            maps = score_cam(model, batch, activation, chosen, output_key, fixed_batch or score_batch_size,
+                             pad_to=fixed_batch)
     return CamBatch(maps=maps.detach(), classes=chosen, probabilities=logits.detach().softmax(dim=1), layer=layer,
                     method=method, layer_calls=activations.calls.get(layer, 1))
 
@@ -218,12 +222,13 @@ def _linear_head(model: nn.Module, activation: torch.Tensor, logits: torch.Tenso
 
 
 def score_cam(model: nn.Module, batch: torch.Tensor, activation: torch.Tensor, classes: torch.Tensor,
-              output_key: str | None, chunk_size: int) -> torch.Tensor:
+              output_key: str | None, chunk_size: int, pad_to: int | None = None) -> torch.Tensor:
     """Score-CAM (Wang et al.): each channel, upsampled and scaled to [0, 1], masks the input;
     the channel's weight is the class probability of the masked input.
 
     Masked inputs are built and scored ``chunk_size`` at a time, so memory does not
-    grow with the number of channels.
+    grow with the number of channels; ``pad_to`` pads each chunk for a model that
+    takes a fixed batch size.
     """
     batch_size, channels = activation.shape[:2]
     maps = []
@@ -238,7 +243,10 @@ def score_cam(model: nn.Module, batch: torch.Tensor, activation: torch.Tensor, c
             probabilities = []
             for start in range(0, channels, chunk_size):
                 masked = batch[b:b + 1] * masks[start:start + chunk_size, None]
-                logits = select_logits(model(masked), output_key)
+                count = masked.shape[0]
+                if pad_to is not None and count < pad_to:
+                    masked = torch.cat([masked, masked[-1:].expand(pad_to - count, *masked.shape[1:])])
+                logits = select_logits(run_model(model, masked), output_key)[:count]
                 probabilities.append(logits.softmax(dim=1)[:, classes[b]])  # (chunk, K)
             weights = torch.cat(probabilities).T  # (K, C)
             maps.append(F.relu(torch.einsum("kc,chw->khw", weights, activation[b])))

@@ -53,7 +53,7 @@ class CamJob:
         result = compute_cams(
             self.loaded.module, model_batch(batch, self.loaded), layer=options.layer, method=options.method,
             classes=options.classes, top_k=options.top_k, output_key=self.loaded.output_key,
-            score_batch_size=options.score_batch_size, layer_calls=self.layer_calls,
+            score_batch_size=options.score_batch_size, layer_calls=self.layer_calls, fixed_batch=self.loaded.fixed_batch,
         )
         self.layer_calls = result.layer_calls
         return CamBatch(maps=normalize_map(result.maps.float().cpu()), classes=result.classes.cpu(),

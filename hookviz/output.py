@@ -15,6 +15,7 @@ from PIL import Image, PngImagePlugin
 from .errors import UsageError
 
 PNG_COMPRESS_LEVEL = 1  # zlib level 1 encodes ~5x faster than the default for a few percent more bytes
+TEMPORARY_SUFFIX = ".tmp"  # files are written as .<name>.<random>.tmp, then renamed
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -57,7 +58,7 @@ def prepare_output_dir(directory: Path) -> Path:
 
 def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, delete=False)
     return handle
 
 

@@ -112,9 +112,14 @@ class _PreparedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> PreparedImage | Record:
         path, stem = self.inputs[index]
         try:
-            return prepare_image(path, stem, self.preprocessing, self.crop, self.max_pixels)
+            prepared = prepare_image(path, stem, self.preprocessing, self.crop, self.max_pixels)
         except InputError as exc:
             return Record(input=str(path), status="error", error=str(exc))
+        if torch.utils.data.get_worker_info() is not None:
+            # In a worker process, send arrays by value: a tensor would travel as a file descriptor through a
+            # helper thread that prints a traceback when Ctrl-C interrupts the main process mid-transfer.
+            prepared.pixels, prepared.tensor = prepared.pixels.numpy(), prepared.tensor.numpy()
+        return prepared
 
 
 def _as_is(item: Any) -> Any:  # DataLoader's collate step for one item at a time; module-level so workers can pickle it
@@ -130,7 +135,10 @@ def prepared_images(inputs: Sequence[tuple[Path, str]], preprocessing: Preproces
         return
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
                                          prefetch_factor=max(2, prefetch // workers))
-    yield from loader
+    for item in loader:
+        if isinstance(item, PreparedImage):
+            item.pixels, item.tensor = torch.from_numpy(item.pixels), torch.from_numpy(item.tensor)
+        yield item
 
 
 def image_batches(inputs: Sequence[tuple[Path, str]], loaded: LoadedModel, *, crop: bool = False, batch_size: int = 8,
