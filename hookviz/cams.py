@@ -221,6 +221,16 @@ def _linear_head(model: nn.Module, activation: torch.Tensor, logits: torch.Tenso
     )
 
 
+def _score_masks(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Channels (1, n, h, w) upsampled to the input ``size`` and each scaled to [0, 1]: (n, H, W); flat channels mask everything."""
+    upsampled = F.interpolate(activation, size=size, mode="bilinear", align_corners=False)[0]
+    flat = upsampled.flatten(1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    span = high - low
+    masks = (upsampled - low[:, None, None]) / torch.where(span > 0, span, torch.ones_like(span))[:, None, None]
+    return torch.where((span > 0)[:, None, None], masks, torch.zeros_like(masks))
+
+
 def score_cam(model: nn.Module, batch: torch.Tensor, activation: torch.Tensor, classes: torch.Tensor,
               output_key: str | None, chunk_size: int, pad_to: int | None = None) -> torch.Tensor:
     """Score-CAM (Wang et al.): each channel, upsampled and scaled to [0, 1], masks the input;
@@ -234,15 +244,10 @@ def score_cam(model: nn.Module, batch: torch.Tensor, activation: torch.Tensor, c
     maps = []
     with torch.no_grad():
         for b in range(batch_size):
-            upsampled = F.interpolate(activation[b:b + 1], size=batch.shape[-2:], mode="bilinear", align_corners=False)[0]
-            flat = upsampled.flatten(1)
-            low, high = flat.min(dim=1).values, flat.max(dim=1).values
-            span = high - low
-            masks = (upsampled - low[:, None, None]) / torch.where(span > 0, span, torch.ones_like(span))[:, None, None]
-            masks = torch.where((span > 0)[:, None, None], masks, torch.zeros_like(masks))
             probabilities = []
             for start in range(0, channels, chunk_size):
-                masked = batch[b:b + 1] * masks[start:start + chunk_size, None]
+                masks = _score_masks(activation[b:b + 1, start:start + chunk_size], tuple(batch.shape[-2:]))
+                masked = batch[b:b + 1] * masks[:, None]
                 count = masked.shape[0]
                 if pad_to is not None and count < pad_to:
                     masked = torch.cat([masked, masked[-1:].expand(pad_to - count, *masked.shape[1:])])

@@ -123,7 +123,10 @@ MODEL_KEYS = ("weights", "arch", "state_dict", "trust", "size", "mean", "std", "
 
 
 def _load(model: str, options: dict[str, Any], quiet: bool = False):
+    from .memory import keep_freed_memory
     from .models import load_model
+
+    keep_freed_memory()  # before the first large allocation: see hookviz/memory.py
 
     loaded = load_model(model, **{key: options.pop(key) for key in MODEL_KEYS})
     if not quiet:
