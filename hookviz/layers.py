@@ -32,13 +32,25 @@ def is_conv_layer(module: nn.Module) -> bool:
     """A 2-D convolution: nn.Conv2d, or an unflattened torch.export module that holds a 4-D weight and a conv op."""
     if isinstance(module, nn.Conv2d):
         return True
+    return _exported_layer(module, weight_dim=4, ops=("conv",), fallback=nn.modules.conv._ConvNd)
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """A fully connected layer: nn.Linear, or an unflattened torch.export module with a 2-D weight and a linear op."""
+    if isinstance(module, nn.Linear):
+        return True
+    return _exported_layer(module, weight_dim=2, ops=("linear", "addmm"))
+
+
+def _exported_layer(module: nn.Module, weight_dim: int, ops: tuple[str, ...], fallback: type | None = None) -> bool:
+    """An exported module keeps its own weight and a graph; its op names say what it does."""
     weight = module._parameters.get("weight")
-    if weight is None or weight.dim() != 4:
+    if weight is None or weight.dim() != weight_dim:
         return False
     graph = getattr(module, "graph", None)
     if graph is None:
-        return isinstance(module, nn.modules.conv._ConvNd)
-    return any(node.op == "call_function" and "conv" in str(node.target) for node in graph.nodes)
+        return fallback is not None and isinstance(module, fallback)
+    return any(node.op == "call_function" and any(op in str(node.target) for op in ops) for node in graph.nodes)
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .hooks import first_tensor, preserved_state, resolve_layers, run_model
-from .layers import is_conv_layer
+from .layers import is_conv_layer, is_linear_layer
 
 DEFAULT_BINS = 100
 # Bins narrower than float32's spacing at the data's magnitude would only show rounding.
@@ -34,23 +34,6 @@ _SMALLEST_BIN_EXPONENT = -1000  # for all-zero data; keeps 2**k a normal float64
 
 
 # --- which layers -------------------------------------------------------------------------------------
-
-
-def is_linear_layer(module: nn.Module) -> bool:
-    """A fully connected layer: nn.Linear, or an unflattened torch.export module with a 2-D weight and a linear op."""
-    if isinstance(module, nn.Linear):
-        return True
-    weight = module._parameters.get("weight")
-    if weight is None or weight.dim() != 2:
-        return False
-    graph = getattr(module, "graph", None)
-    if graph is None:
-        return False
-    return any(node.op == "call_function" and _is_linear_op(str(node.target)) for node in graph.nodes)
-
-
-def _is_linear_op(target: str) -> bool:
-    return "linear" in target or "addmm" in target
 
 
 def stats_layer_names(model: nn.Module) -> list[str]:
