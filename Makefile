@@ -10,7 +10,7 @@ DEMO_OUT := out/demo
 # A folder of photos (its hidden .readme/ holds the README's pictures; folder runs skip hidden entries).
 SAMPLES := sample_images
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench
 
 install: $(INSTALLED)
 
@@ -43,6 +43,13 @@ browser:
 
 test: $(INSTALLED) browser
 	$(BIN)/python -m pytest -q
+
+# Side-by-side benchmark against pytorch-grad-cam, torchcam and Captum: writes benchmarks/RESULTS.md.
+# The reference libraries are installed next to the pinned torch (never replacing it); BENCH_ARGS=--quick for a smoke run.
+bench: $(INSTALLED)
+	$(BIN)/python -c "import pytorch_grad_cam, captum, torchcam" 2>/dev/null || \
+		$(BIN)/python -m pip install -q --disable-pip-version-check grad-cam captum torchcam==0.5.0 $(TORCH_PINS)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,0 +1,45 @@
+"""Task 6: start-up costs, each a fresh subprocess timed from spawn to exit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchvision
+
+import hookviz_adapter as hv
+from common import BENCH_DIR, PYTHON, SEED, child_env, interleaved, log, run_timed
+from tasks import Context
+
+
+def export_resnet18(path) -> None:
+    """resnet18 (weights=None) as a torch.export program with a dynamic batch dimension (example batch 2)."""
+    torch.manual_seed(SEED)
+    model = torchvision.models.resnet18(weights=None).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.randn(2, 3, 224, 224),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, str(path))
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    pt2 = ctx.tmp / "resnet18.pt2"
+    log("task 6: exporting resnet18 to .pt2 (dynamic batch)")
+    export_resnet18(pt2)
+    image = ctx.photos[0]
+    out = ctx.tmp / "startup_out"
+    def gradcam_pt2() -> None:
+        run_timed(hv.cli_gradcam(str(pt2), [image], out, weights_none=False), env=child_env())
+
+    commands = {
+        "hookviz --help": lambda: run_timed(hv.cli_help(), env=child_env()),
+        "hookviz layers resnet50": lambda: run_timed(hv.cli_layers("resnet50"), env=child_env()),
+        "python -c 'import torch'": lambda: run_timed([PYTHON, "-c", "import torch"], env=child_env()),
+        "python -c 'import torch, torchvision'": lambda: run_timed([PYTHON, "-c", "import torch, torchvision"],
+                                                                   env=child_env()),
+        "hookviz gradcam model.pt2 img.jpg": gradcam_pt2,
+        "import torch + load .pt2 + one forward": lambda: run_timed([PYTHON, str(BENCH_DIR / "workers.py"), "pt2", str(pt2)],
+                                                                    env=child_env()),
+    }
+    log("task 6: start-up times (subprocess wall time)")
+    series = interleaved(commands, ctx.heavy_reps, warmup=1, label="task6")
+    return {"tools": {k: v.as_json() for k, v in series.items()}}
