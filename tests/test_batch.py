@@ -30,12 +30,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+from cli_helpers import hookviz, json_lines
 from hookviz.batch import BatchOptions, Manifest, parse_shard, plan_batch, shard_of
-from hookviz.cli import main
 from hookviz.errors import UsageError
 from hookviz.explain import CamJob, CamOptions
 from hookviz.models import load_model
@@ -134,21 +133,6 @@ def write_broken(folder: Path) -> dict[str, Path]:
     broken["text"].write_text("this is not a JPEG, just text\n")
     broken["truncated"].write_bytes(data[: len(data) // 2])
     return broken
-
-
-def hookviz(*args):
-    """Run ``hookviz ARGS`` in-process (stdout and stderr kept apart); fail on any crash or traceback."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"hookviz crashed: {result.exception!r}\n{result.stderr}") from result.exception
-    for text in (result.stdout, result.stderr):
-        assert "Traceback" not in text
-    return result
-
-
-def json_lines(text: str) -> list[dict]:
-    """Every line of ``text`` parsed as JSON (fails on any line that is not)."""
-    return [json.loads(line) for line in text.splitlines()]
 
 
 def read_manifest(out: Path) -> list[dict]:

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+from cli_helpers import write_noise_image as write_image
 from hookviz.cli import main
 from hookviz.models import load_model
 from hookviz.pipeline import prepare_image
@@ -52,17 +53,6 @@ def run(*args: str) -> tuple[int, str, str]:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.stdout, result.stderr
-
-
-def write_image(path: Path, width: int, height: int, seed: int) -> Path:
-    """Noise with a flat disc somewhere, so activations and maps differ from image to image."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.uniform(0, 255, (height, width, 3))
-    cy, cx = rng.integers(0, height), rng.integers(0, width)
-    yy, xx = np.mgrid[:height, :width]
-    pixels[(yy - cy) ** 2 + (xx - cx) ** 2 < (min(width, height) // 4) ** 2] = rng.uniform(0, 255, 3)
-    Image.fromarray(pixels.astype(np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture

@@ -11,28 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from hookviz.cli import main
+from cli_helpers import hookviz, json_lines
 from hookviz.models import IMAGENET_MEAN, IMAGENET_STD
-
-
-def hookviz(*args: str):
-    """Run ``hookviz ARGS``; fail on any crash that is not a deliberate exit."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"hookviz crashed: {result.exception!r}\n{result.stderr}") from result.exception
-    for text in (result.stdout, result.stderr):
-        assert "Traceback" not in text
-    return result
-
-
-def json_lines(text: str) -> list[dict]:
-    lines = text.splitlines()
-    assert lines, "no output on stdout"
-    return [json.loads(line) for line in lines]  # every line must be JSON
 
 
 # --- layers --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
+from cli_helpers import write_noise_image as write_image
 from hookviz.cli import main
 
 MODULE = "hv_clinet"  # a module name no other test uses: sys.modules caches it
@@ -72,17 +73,6 @@ def project(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, MODULE, raising=False)
     yield tmp_path
     sys.modules.pop(MODULE, None)
-
-
-def write_image(path: Path, width: int, height: int, seed: int) -> Path:
-    """Noise with a bright blob somewhere, so that maps and predictions differ from image to image."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.uniform(0, 255, (height, width, 3))
-    cy, cx = rng.integers(0, height), rng.integers(0, width)
-    yy, xx = np.mgrid[:height, :width]
-    pixels[(yy - cy) ** 2 + (xx - cx) ** 2 < (min(width, height) // 4) ** 2] = rng.uniform(0, 255, 3)
-    Image.fromarray(pixels.astype(np.uint8)).save(path)
-    return path
 
 
 def model_input(path: Path) -> torch.Tensor:

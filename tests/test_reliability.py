@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
+from cli_helpers import hookviz, json_lines
 from hookviz.cams import compute_cams
-from hookviz.cli import main
 from hookviz.errors import InputError, UsageError
 from hookviz.guided import compute_guided
 from hookviz.hooks import capture
@@ -134,18 +133,6 @@ def nets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delitem(sys.modules, NETS, raising=False)
     yield importlib.import_module(NETS)
     sys.modules.pop(NETS, None)
-
-
-def hookviz(*args, stdin: str | None = None):
-    """Run ``hookviz ARGS`` in-process; fail on a crash (an exception that is not a deliberate exit)."""
-    result = CliRunner().invoke(main, [str(a) for a in args], input=stdin)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"hookviz crashed: {result.exception!r}\n{result.stderr}") from result.exception
-    return result
-
-
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
 
 
 def assert_usage_error(result, expected_line: str) -> None:
