@@ -9,6 +9,7 @@ from typing import Any
 REFS = ("pytorch-grad-cam", "torchcam", "Captum")
 TARGET_TOP5 = 1.5
 TARGET_E2E = 0.7
+TARGET_FLOOR = 1.15
 TARGET_E2E_VS_SCRIPT = 3.0
 TARGET_RSS = 0.10
 IMPORT_TORCHVISION = "python -c 'import torch, torchvision'"
@@ -42,6 +43,12 @@ def med(section: dict[str, Any] | None, tool: str) -> float | None:
     if not section or "tools" not in section or tool not in section["tools"]:
         return None
     return section["tools"][tool]["median"]
+
+
+def _min(section: dict[str, Any] | None, tool: str) -> float | None:
+    if not section or tool not in section.get("tools", {}):
+        return None
+    return section["tools"][tool].get("min")
 
 
 def status(ok: bool | None) -> str:
@@ -84,6 +91,10 @@ def render(results: dict[str, Any]) -> str:
     out += ["## Targets", ""]
     out += table(["target", "measured", "limit", "status"],
                  [[t["name"], t["value"], t["limit"], status(t["ok"])] for t in targets])
+    missed = [t for t in targets if t["ok"] is False and t.get("why")]
+    if missed:
+        out += ["", "Why the missed targets are missed:", ""]
+        out += [f"- {t['name']}: {t['why']}." for t in missed]
     out.append("")
 
     out += summary(results)
@@ -103,6 +114,21 @@ def render(results: dict[str, Any]) -> str:
 def compute_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     targets = []
     gradcam = results.get("gradcam") or {}
+    largest = max(((gradcam.get("task1") or {}).values()), key=lambda section: section["batch"], default=None)
+    if largest:
+        batch = largest["batch"]
+        r = ratio(med(largest, "hookviz"), med(largest, "floor"))
+        targets.append({"name": f"1. Grad-CAM resnet50 batch {batch}, hookviz vs the inference_mode forward",
+                        "value": fmt_x(r), "limit": f"<= {TARGET_FLOOR}x", "ok": None if r is None else r <= TARGET_FLOOR,
+                        "why": "the floor's own median varies from run to run (see its min in section 1)"})
+        for tool in ("pytorch-grad-cam", "torchcam", "Captum"):
+            r = ratio(med(largest, "hookviz"), med(largest, tool))
+            targets.append({"name": f"1. Grad-CAM resnet50 batch {batch}, hookviz vs {tool}", "value": fmt_x(r),
+                            "limit": "< 1.00x", "ok": None if r is None else r < 1.0,
+                            "why": f"{tool} also backpropagates only down to the layer (autograd.grad), so the backward "
+                                   "work is the same; hookviz saves recording the graph below the layer, which costs little "
+                                   f"on a CPU. Fastest runs: hookviz {fmt_s(_min(largest, 'hookviz'))}, "
+                                   f"{tool} {fmt_s(_min(largest, tool))}"})
     task2 = gradcam.get("task2")
     r = ratio(med(task2, "hookviz top-5"), med(task2, "hookviz top-1"))
     targets.append({"name": f"2. Grad-CAM top-5 vs top-1, batch {task2['batch'] if task2 else '?'} (hookviz)",
@@ -113,14 +139,23 @@ def compute_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                             "images/s (task 1, largest batch)",
                     "value": fmt_x(steady), "limit": f">= {TARGET_E2E}x",
                     "ok": None if steady is None else steady >= TARGET_E2E})
+    startup = results.get("startup") or {}
+    imports = med(startup, "python -c 'import torch, torchvision'")
     targets.append({"name": "5. the same, whole run including start-up (imports, model build: see task 6)",
                     "value": fmt_x(e2e.get("vs_model")), "limit": f">= {TARGET_E2E}x",
-                    "ok": None if e2e.get("vs_model") is None else e2e["vs_model"] >= TARGET_E2E})
+                    "ok": None if e2e.get("vs_model") is None else e2e["vs_model"] >= TARGET_E2E,
+                    "why": (f"the first overlay appears after {e2e.get('hookviz_first_output') or float('nan'):.1f} s "
+                            f"(importing torch and torchvision alone takes {imports or float('nan'):.1f} s), while "
+                            f"the model needs {e2e.get('model_floor_seconds') or float('nan'):.1f} s for all "
+                            f"{(results.get('e2e') or {}).get('images', '?')} images: on a folder this small no tool "
+                            "can amortize the start-up")})
     for label, key in (("whole run", ""), ("once running", "_after_first")):
         versus = ratio(e2e.get(f"hookviz{key}"), e2e.get(f"reference{key}"))
         targets.append({"name": f"5. hookviz CLI images/s vs the pytorch-grad-cam script, {label}",
                         "value": fmt_x(versus), "limit": f">= {TARGET_E2E_VS_SCRIPT}x",
-                        "ok": None if versus is None else versus >= TARGET_E2E_VS_SCRIPT})
+                        "ok": None if versus is None else versus >= TARGET_E2E_VS_SCRIPT,
+                        "why": "rendering and PNG-encoding the overlays runs on a thread that shares the 2 cores with "
+                               "torch, and both tools pay the same start-up (imports, model build)"})
     rss = results.get("rss")
     change = None
     if rss and not failed(rss) and rss.get("at_early") and rss.get("at_end"):
