@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from cli_helpers import hookviz, json_lines
+from hookviz.cli import main
 from hookviz.models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -284,3 +285,11 @@ def test_python_dash_m_hookviz_help():
     assert completed.returncode == 0, completed.stderr
     assert "Usage: hookviz" in completed.stdout
     assert "fmaps" in completed.stdout and "layers" in completed.stdout
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_command_has_help_with_an_example(command):
+    result = hookviz(command, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.stdout, f"hookviz {command} --help shows no example"
+    assert f"hookviz {command} " in result.stdout
