@@ -81,22 +81,31 @@ MODEL_OPTIONS = [
     click.option("--output", "output_key", metavar="KEY", help="Which part of a tuple/dict model output holds the logits."),
 ]
 
+# Options some commands share one by one (stats and trace take images but are not batch runs).
+CROP_OPTION = click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image.")
+BATCH_SIZE_OPTION = click.option("--batch-size", type=click.IntRange(min=1), metavar="N",
+                                 help="Images per model call (default: 8 on CPU, 32 on CUDA).")
+MAX_PIXELS_OPTION = click.option("--max-pixels", type=click.IntRange(min=1), metavar="N",
+                                 help="Refuse larger images as possible decompression bombs (default: Pillow's limit, about 89 million).")
+QUIET_OPTION = click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr, except errors.")
+TENSORBOARD_OPTION = click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path),
+                                  metavar="DIR", help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
+
 IMAGE_OPTIONS = [
     click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
                  show_default=True, help="Output directory; each input gets DIR/<image-stem>/, and DIR/manifest.jsonl records the run."),
-    click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image."),
-    click.option("--batch-size", type=click.IntRange(min=1), metavar="N", help="Images per model call (default: 8 on CPU, 32 on CUDA)."),
+    CROP_OPTION,
+    BATCH_SIZE_OPTION,
     click.option("--workers", type=click.IntRange(min=0), metavar="N",
                  help="Processes decoding images in the background (default for folders: one per core beyond two, up to 4)."),
     click.option("--shard", metavar="K/N", help="Process only the K-th of N slices of the sorted inputs (K from 1), e.g. for SLURM arrays."),
     click.option("--skip-existing", is_flag=True, help="Skip inputs the manifest records as done with the same options (resume a killed run)."),
     click.option("--overwrite", is_flag=True, help="Replace existing outputs (without it, existing outputs are an error)."),
     click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails (default: report it and go on)."),
-    click.option("--max-pixels", type=click.IntRange(min=1), metavar="N",
-                 help="Refuse larger images as possible decompression bombs (default: Pillow's limit, about 89 million)."),
+    MAX_PIXELS_OPTION,
     click.option("--html", is_flag=True, help="Also write DIR/index.html, a gallery of every input's outputs in DIR."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input on stdout (JSON Lines)."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr, except errors."),
+    QUIET_OPTION,
     click.option("-v", "--verbose", is_flag=True, help="One line per input and a timing summary on stderr."),
 ]
 BATCH_KEYS = ("out_dir", "crop", "batch_size", "workers", "shard", "skip_existing", "overwrite", "fail_fast", "max_pixels",
@@ -311,8 +320,7 @@ def layers(model: str, as_json: bool, show_all: bool, **options: Any) -> None:
 @click.option("--cmap", default="viridis", show_default=True, help="A matplotlib colormap name.")
 @click.option("--save-raw", is_flag=True, help="Also write each layer's output as float32 .npy (C, h, w).")
 @click.option("--no-index", is_flag=True, help="Do not print channel indices on the tiles.")
-@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
+@TENSORBOARD_OPTION
 @apply(MODEL_OPTIONS)
 @apply(IMAGE_OPTIONS)
 @reports_errors
@@ -355,8 +363,7 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Heatmap opacity.")
 @click.option("--cmap", default="jet", show_default=True, help="A matplotlib colormap name.")
 @click.option("--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1].")
-@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
+@TENSORBOARD_OPTION
 @apply(MODEL_OPTIONS)
 @apply(IMAGE_OPTIONS)
 @reports_errors
@@ -449,14 +456,13 @@ def guided(model: str, images: tuple[str, ...], class_values: tuple[str, ...], t
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"), show_default=True,
               help="Where stats.png (one histogram row per layer) is written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing DIR/stats.png.")
-@click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image.")
-@click.option("--batch-size", type=click.IntRange(min=1), metavar="N", help="Images per model call (default: 8 on CPU).")
+@CROP_OPTION
+@BATCH_SIZE_OPTION
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="Processes decoding images in the background.")
-@click.option("--max-pixels", type=click.IntRange(min=1), metavar="N", help="Refuse larger images (default: Pillow's limit).")
+@MAX_PIXELS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per layer (JSON Lines) instead of the table.")
-@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr except errors.")
-@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
+@QUIET_OPTION
+@TENSORBOARD_OPTION
 @apply(MODEL_OPTIONS)
 @reports_errors
 def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bins: int, out_dir: Path, overwrite: bool,
@@ -477,7 +483,7 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
     from .errors import UsageError
     from .images import collect_inputs
     from .output import output_stems, prepare_output_dir
-    from .pipeline import image_batches, model_batch
+    from .pipeline import PreparedImage, image_batches, model_batch
     from .stats import StatsCollector, format_table, histogram_figure
 
     loaded = _load(model, options, quiet)
@@ -495,12 +501,14 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
 
         writer = summary_writer(tensorboard_dir)
     failed = 0
-    for prepared, errors in image_batches([(path, stems[path]) for path in paths], loaded, crop=crop,
-                                          batch_size=batch_size or default_batch_size(loaded.device),
-                                          workers=workers, max_pixels=max_pixels):
-        for record in errors:
-            failed += 1
-            click.echo(f"hookviz: error: {record.error}", err=True)
+    for slots in image_batches([(path, stems[path]) for path in paths], loaded, crop=crop,
+                               batch_size=batch_size or default_batch_size(loaded.device),
+                               workers=workers, max_pixels=max_pixels):
+        prepared = [slot for slot in slots if isinstance(slot, PreparedImage)]
+        for record in slots:
+            if not isinstance(record, PreparedImage):
+                failed += 1
+                click.echo(f"hookviz: error: {record.error}", err=True)
         if prepared:
             collector.update(model_batch(prepared, loaded)[:len(prepared)])
     if collector.images == 0:
@@ -526,9 +534,9 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
 @click.argument("model")
 @click.argument("image")
 @click.option("-c", "--class", "class_value", metavar="C", help="Class whose score is backpropagated (default: the top-1 prediction).")
-@click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image.")
+@CROP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the trace as one JSON object.")
-@click.option("-q", "--quiet", is_flag=True, help="No messages on stderr except errors.")
+@QUIET_OPTION
 @apply(MODEL_OPTIONS)
 @reports_errors
 def trace(model: str, image: str, class_value: str | None, crop: bool, as_json: bool, quiet: bool, **options: Any) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .hooks import capture, run_model
 from .models import select_logits
-from .spatial import Layout, spatial_layout
+from .spatial import Layout, spatial_layout, to_spatial
 
 
 @dataclass
@@ -118,8 +118,6 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.de
 
 def _class_dependent(output: object, spatial: dict[str, torch.Tensor], layouts: dict[str, Layout | None]) -> set[str] | None:
     """The spatial layers whose gradient of the top class's score is non-zero at more than one position."""
-    from .spatial import to_spatial
-
     try:
         logits = select_logits(output)
     except Exception:  # no tensor output: keep the shape-only rule

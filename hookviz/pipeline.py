@@ -142,20 +142,26 @@ def prepared_images(inputs: Sequence[tuple[Path, str]], preprocessing: Preproces
 
 
 def image_batches(inputs: Sequence[tuple[Path, str]], loaded: LoadedModel, *, crop: bool = False, batch_size: int = 8,
-                  workers: int = 0, max_pixels: int | None = None) -> Iterator[tuple[list[PreparedImage], list[Record]]]:
-    """Decoded images in batches of ``batch_size``, each with the error records of the inputs that failed in it."""
+                  workers: int = 0, max_pixels: int | None = None) -> Iterator[list[PreparedImage | Record]]:
+    """The inputs in batches of ``batch_size``, in input order: each a prepared image, or the record of its failure.
+
+    A .pt2 exported with a static batch dimension caps the batch size at it.
+    """
     if loaded.fixed_batch is not None:
         batch_size = min(batch_size, loaded.fixed_batch)
-    prepared: list[PreparedImage] = []
-    failed: list[Record] = []
-    for slot in prepared_images(inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size,
-                                max_pixels=max_pixels):
-        (prepared if isinstance(slot, PreparedImage) else failed).append(slot)
-        if len(prepared) + len(failed) >= batch_size:
-            yield prepared, failed
-            prepared, failed = [], []
-    if prepared or failed:
-        yield prepared, failed
+    images = prepared_images(inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size,
+                             max_pixels=max_pixels)
+    slots: list[PreparedImage | Record] = []
+    try:
+        for slot in images:
+            slots.append(slot)
+            if len(slots) >= batch_size:
+                yield slots
+                slots = []
+        if slots:
+            yield slots
+    finally:
+        images.close()  # stops decoding workers at once when the run stops early
 
 
 def run_job(
@@ -175,11 +181,8 @@ def run_job(
     every file is written atomically, so nothing half-written is left.
     """
     timings = timings if timings is not None else Timings()
-    if loaded.fixed_batch is not None:  # a .pt2 exported with a static batch dimension
-        batch_size = min(batch_size, loaded.fixed_batch)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookviz-writer")
     in_flight: deque[tuple[list[PreparedImage | Record], Future[list[Record]]]] = deque()
-    slots: list[PreparedImage | Record] = []  # input order: a prepared image, or the record of its failure
 
     def write_batch(prepared: list[PreparedImage], result: Any) -> list[Record]:
         started = time.perf_counter()
@@ -187,15 +190,14 @@ def run_job(
         timings.writing += time.perf_counter() - started
         return records
 
-    def submit() -> None:
+    def submit(slots: list[PreparedImage | Record]) -> None:
         prepared = [slot for slot in slots if isinstance(slot, PreparedImage)]
         result = None
         if prepared:
             started = time.perf_counter()
             result = job.compute(prepared)
             timings.model += time.perf_counter() - started
-        in_flight.append((list(slots), writer.submit(write_batch, prepared, result)))
-        slots.clear()
+        in_flight.append((slots, writer.submit(write_batch, prepared, result)))
 
     def report(wait: bool) -> Iterator[Record]:
         while in_flight and (wait or len(in_flight) > WRITES_IN_FLIGHT or in_flight[0][1].done()):
@@ -204,27 +206,22 @@ def run_job(
             for slot in batch_slots:
                 yield next(written) if isinstance(slot, PreparedImage) else slot
 
-    images = prepared_images(inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size,
-                             max_pixels=max_pixels)
+    batches = image_batches(inputs, loaded, crop=crop, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
     try:
         while True:
             started = time.perf_counter()
-            slot = next(images, None)
+            slots = next(batches, None)
             timings.waiting_for_images += time.perf_counter() - started
-            if slot is None:
+            if slots is None:
                 break
-            slots.append(slot)
-            if len(slots) >= batch_size:
-                submit()
-                yield from report(wait=False)
-        if slots:
-            submit()
+            submit(slots)
+            yield from report(wait=False)
         yield from report(wait=True)
     finally:
         for _, future in in_flight:
             future.cancel()
         writer.shutdown(wait=True)
-        images.close()
+        batches.close()
 
 
 def _write_one(job: Job, item: PreparedImage, index: int, result: Any) -> Record:

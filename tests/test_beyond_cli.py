@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from cli_helpers import write_noise_image as write_image
+from test_trace import call_order
 from hookviz.cli import main
 from hookviz.models import load_model
 from hookviz.pipeline import prepare_image
@@ -211,22 +212,10 @@ def test_stats_unknown_layer_is_a_usage_error_with_a_suggestion(tmp_path, images
 # --- hookviz trace ----------------------------------------------------------------------------------
 
 
-def module_calls(model: nn.Module, x: torch.Tensor) -> int:
-    """How many module calls (the model itself included) one forward pass makes, by plain pre-hooks."""
-    calls = []
-    handles = [module.register_forward_pre_hook(lambda m, i: calls.append(m)) for module in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return len(calls)
-
-
 @pytest.fixture(scope="module")
 def resnet18_calls() -> int:
-    return module_calls(torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 64, 64))
+    """How many module calls (the model itself included) one forward pass makes, by plain pre-hooks."""
+    return len(call_order(torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 64, 64)))
 
 
 def test_trace_table_has_the_forward_rows_then_the_backward_rows(images, resnet18_calls):

@@ -72,14 +72,20 @@ def _fresh(directory: Path) -> Path:
     return directory
 
 
-def run_e2e(ctx: Context) -> dict[str, Any]:
-    count = ctx.e2e_count
+def _photo_folder(ctx: Context, count: int) -> Path:
+    """A folder holding the first ``count`` generated photos (hard links, made once)."""
     folder = ctx.tmp / f"photos{count}"
     folder.mkdir(parents=True, exist_ok=True)
     for photo in ctx.photos[:count]:
         target = folder / photo.name
         if not target.exists():
             os.link(photo, target)
+    return folder
+
+
+def run_e2e(ctx: Context) -> dict[str, Any]:
+    count = ctx.e2e_count
+    folder = _photo_folder(ctx, count)
 
     def out_dir(tool: str) -> Path:
         return ctx.tmp / f"e2e_{tool}"  # the same directory every run, replaced (both tools)
@@ -111,12 +117,7 @@ def _rss_at(samples: list[dict[str, Any]], lines: int) -> dict[str, Any] | None:
 def run_rss(ctx: Context) -> dict[str, Any]:
     count = ctx.rss_count
     early = min(50, count // 4) if ctx.quick else 50
-    folder = ctx.tmp / f"photos{count}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for photo in ctx.photos[:count]:
-        target = folder / photo.name
-        if not target.exists():
-            os.link(photo, target)
+    folder = _photo_folder(ctx, count)
     out = _fresh(ctx.tmp / "rss_out")
     log(f"task 7: hookviz gradcam over {count} JPEGs, VmRSS sampled every {SAMPLE_EVERY * 1000:.0f} ms")
     result = stream(hv.cli_gradcam("resnet50", [folder], out), sample_rss=True)
