@@ -14,6 +14,7 @@ from torch import nn
 from common import HOOKVIZ
 
 from hookviz import fmaps as _fmaps
+from hookviz import jobs as _jobs
 from hookviz import pipeline as _pipeline
 from hookviz.cams import compute_cams
 from hookviz.hooks import capture
@@ -47,12 +48,12 @@ def prepare(path: Path, loaded):
 
 
 def _fmap_options(out_dir: Path, layers: list[str]):
-    return _fmaps.FmapOptions(out_dir=Path(out_dir), layers=layers, layers_named=False)
+    return _jobs.FmapOptions(out_dir=Path(out_dir), layers=layers, layers_named=False)
 
 
 def write_fmaps(loaded, prepared, out_dir: Path, layers: list[str]) -> int:
     """What ``hookviz fmaps`` does for one image: one forward pass, one PNG grid per layer. Returns the PNG count."""
-    job = _fmaps.FmapJob(loaded, _fmap_options(out_dir, layers))
+    job = _jobs.FmapJob(loaded, _fmap_options(out_dir, layers))
     return len(job.write(prepared, 0, job.compute([prepared])).outputs)
 
 

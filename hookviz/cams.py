@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
-from .hooks import capture, preserved_state, run_model
-from .models import select_logits
-from .spatial import spatial_layout, to_spatial
+from .forward import run_model, select_logits
+from .hooks import capture, preserved_state
+from .methods import CAM_METHODS, GRADIENT_METHODS
+from .spatial import spatial_output, to_spatial
 
 EPS = 1e-7
-GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
-METHODS = (*GRADIENT_METHODS, "scorecam", "eigencam", "cam")
+METHODS = CAM_METHODS
 
 
 def gradcam(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -176,13 +176,7 @@ def compute_cams(
         logits = select_logits(output, output_key)
         if logits.dim() != 2:
             raise UsageError(f"the model's output has shape {tuple(logits.shape)}, not (N, classes); use --output KEY")
-        output = activations.get(layer)
-        if output is None:
-            raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
-        layout = spatial_layout(output.shape, tuple(batch.shape[-2:]))
-        if layout is None:
-            raise UsageError(f"layer {layer!r} has output shape {tuple(output.shape)}, not a spatial map "
-                             "(N, C, H, W) or patch tokens; choose another with -l")
+        output, layout = spatial_output(activations, layer, (batch.shape[-2], batch.shape[-1]))
         if needs_grad and not output.requires_grad:  # it ran fewer times than layer_calls said: start over
             return compute_cams(model, batch, layer=layer, method=method, classes=classes, top_k=top_k,
                                 output_key=output_key, score_batch_size=score_batch_size, fixed_batch=fixed_batch)

@@ -13,7 +13,6 @@ across all runs, so a resumed or sharded run shows every input once.
 from __future__ import annotations
 
 import os
-import tempfile
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -22,7 +21,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from .batch import Manifest
+from .manifest import Manifest
+from .output import atomic_write
 
 GALLERY_NAME = "index.html"
 # Image types every current browser shows; other inputs (TIFF, ...) get a link instead of a thumbnail.
@@ -51,7 +51,8 @@ def write_gallery(out_dir: Path, records: Iterable[Mapping[str, Any]], header: M
     )
     path = out_dir / GALLERY_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, page)
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(page)
     return path
 
 
@@ -273,22 +274,6 @@ def _score(score: Any) -> str:
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         return "" if score is None else str(score)
     return f"{score:.1%}" if 0 <= score <= 1 else f"{score:.4g}"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.chmod(handle.name, 0o644)  # a web page is meant to be read (NamedTemporaryFile makes it 0600)
-        os.replace(handle.name, path)
-    except BaseException:
-        try:
-            os.unlink(handle.name)
-        except OSError:
-            pass
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- page

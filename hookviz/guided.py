@@ -16,8 +16,8 @@ from torch import nn
 
 from .cams import batched_gradients, choose_classes, compute_cams
 from .errors import UsageError
-from .hooks import preserved_state, run_model
-from .models import select_logits
+from .forward import run_model, select_logits
+from .hooks import hook_handles, preserved_state
 
 _RELU_OPS = ("aten.relu", "aten.relu_", "aten.relu6", "aten.hardtanh", "aten.hardtanh_")
 
@@ -58,17 +58,12 @@ def guided_backprop(model: nn.Module, batch: torch.Tensor, classes: torch.Tensor
     relus = [module for module in model.modules() if is_relu_module(module)]
     if not relus:
         raise UsageError("guided backpropagation needs ReLU modules (nn.ReLU/ReLU6) and this model has none; use gradcam")
-    handles = []
-    try:
-        with torch.inference_mode(False), preserved_state(model), torch.enable_grad():
-            handles = [module.register_forward_hook(_guided_hook) for module in relus]
-            inputs = batch.detach().clone().requires_grad_(True)
-            logits = select_logits(run_model(model, inputs), output_key)
-            chosen = classes if classes is not None else choose_classes(logits.detach(), None, top_k)
-            gradients = batched_gradients(logits.gather(1, chosen), inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.inference_mode(False), preserved_state(model), torch.enable_grad(), hook_handles() as handles:
+        handles.extend(module.register_forward_hook(_guided_hook) for module in relus)
+        inputs = batch.detach().clone().requires_grad_(True)
+        logits = select_logits(run_model(model, inputs), output_key)
+        chosen = classes if classes is not None else choose_classes(logits.detach(), None, top_k)
+        gradients = batched_gradients(logits.gather(1, chosen), inputs)
     return gradients.detach(), chosen, logits.detach().softmax(dim=1)
 
 

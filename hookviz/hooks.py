@@ -18,14 +18,15 @@ Three things other tools get wrong, handled here:
 
 from __future__ import annotations
 
-import difflib
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
+from .forward import first_tensor, replace_first_tensor
 
 
 class Activations(dict):
@@ -45,24 +46,26 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Modul
         if name in modules and name != "":
             resolved[name] = modules[name]
             continue
-        hint = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.5)
-        suggestion = f"; did you mean {', '.join(hint)}?" if hint else ""
+        suggestion = did_you_mean(name, [n for n in modules if n], cutoff=0.5)
         raise UsageError(f"unknown layer {name!r}{suggestion} ('hookviz layers MODEL' lists them)")
     return resolved
 
 
-def first_tensor(output: Any) -> torch.Tensor | None:
-    """The tensor a layer produced: itself, or the first tensor in a tuple/list/dict."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
+@contextmanager
+def hook_handles() -> Iterator[list[RemovableHandle]]:
+    """A list to put hook handles in; every handle in it is removed when the block ends, however it ends.
+
+        with hook_handles() as handles:
+            handles.append(module.register_forward_hook(hook))
+            model(batch)
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
 
 
 @contextmanager
@@ -101,7 +104,7 @@ def capture(model: nn.Module, layers: Sequence[str], *, grad: bool = False, eval
     activations = Activations()
     leaf_calls = dict(leaf_calls or {})
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             tensor = first_tensor(output)
             if tensor is None:
@@ -117,16 +120,15 @@ def capture(model: nn.Module, layers: Sequence[str], *, grad: bool = False, eval
                 tensor = tensor.detach().requires_grad_(True)
                 torch.set_grad_enabled(True)
             activations[name] = tensor
-            return _replace_tensor(output, tensor.clone())
+            return replace_first_tensor(output, tensor.clone())
 
         return hook
 
-    handles = []
     grad_mode = torch.is_grad_enabled()
     # Inside a caller's torch.inference_mode() no tensor can require grad; lift it for this block.
     inference_off = torch.inference_mode(False) if grad else nullcontext()
     try:
-        with inference_off, preserved_state(model, eval_mode=eval_mode):
+        with inference_off, preserved_state(model, eval_mode=eval_mode), hook_handles() as handles:
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(make_hook(name)))
             # Each forward pass starts without autograd (a second call in the block must not record everything).
@@ -134,51 +136,8 @@ def capture(model: nn.Module, layers: Sequence[str], *, grad: bool = False, eval
             torch.set_grad_enabled(False)
             yield activations
     finally:
-        for handle in handles:
-            handle.remove()
         torch.set_grad_enabled(grad_mode)
 
 
 def _start_without_grad(module: nn.Module, inputs: Any) -> None:
     torch.set_grad_enabled(False)
-
-
-def run_model(model: nn.Module, batch: torch.Tensor) -> Any:
-    """Call the model; its own failures (wrong input size, wrong channels) become a one-line UsageError."""
-    try:
-        return model(batch)
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
-            f"the model failed on an input of shape {tuple(batch.shape)}: {first[:300]}; check --size, --arch or the model"
-        ) from None
-
-
-def _replace_tensor(output: Any, replacement: torch.Tensor) -> Any:
-    """``output`` with the tensor ``first_tensor`` finds replaced; containers are rebuilt, other items kept."""
-    replaced, _ = _replace_first(output, replacement)
-    return replaced
-
-
-def _replace_first(output: Any, replacement: torch.Tensor) -> tuple[Any, bool]:
-    if isinstance(output, torch.Tensor):
-        return replacement, True
-    if isinstance(output, dict):
-        items = dict(output)
-        for key, value in items.items():
-            new, done = _replace_first(value, replacement)
-            if done:
-                items[key] = new
-                return (type(output)(items) if type(output) is not dict else items), True
-        return output, False
-    if isinstance(output, (tuple, list)):
-        items = list(output)
-        for index, value in enumerate(items):
-            new, done = _replace_first(value, replacement)
-            if done:
-                items[index] = new
-                if isinstance(output, list):
-                    return items, True
-                return (type(output)(*items) if hasattr(output, "_fields") else tuple(items)), True
-        return output, False
-    return output, False

@@ -10,15 +10,15 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, UsageError
-from .models import Preprocessing
+from .preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 STDIN = "-"

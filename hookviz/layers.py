@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hooks import capture, run_model
-from .models import select_logits
+from .forward import run_model, select_logits
+from .hooks import capture
 from .spatial import Layout, spatial_layout, to_spatial
+from .tables import format_table
 
 
 @dataclass
@@ -85,6 +86,24 @@ class ModelTrace:
         if self.class_dependent is not None:
             spatial = [name for name in spatial if name in self.class_dependent] or spatial
         return spatial[-1] if spatial else None
+
+
+def layer_table(layers: list[LayerInfo], cam_layer: str | None) -> str:
+    """The ``hookviz layers`` table: name, type, output shape, parameters; ``*`` marks ``cam_layer``."""
+    rows = [["  layer", "type", "output shape", "params"]]
+    for info in layers:
+        shape = "x".join(map(str, info.output_shape[1:])) if info.output_shape else "-"
+        marker = "*" if info.name == cam_layer else " "
+        calls = f"(runs {info.calls}x)" if info.calls > 1 else ""
+        rows.append([f"{marker} {info.name}", info.type, shape, f"{info.parameters:,}", calls])
+    return format_table(rows, right=(3,), min_widths={2: 20, 3: 11})
+
+
+def layer_records(layers: list[LayerInfo], cam_layer: str | None) -> list[dict[str, object]]:
+    """The ``hookviz layers --json`` records."""
+    return [{"name": info.name, "type": info.type, "output_shape": list(info.output_shape) if info.output_shape else None,
+             "parameters": info.parameters, "calls": info.calls, "conv": info.is_conv, "cam_default": info.name == cam_layer}
+            for info in layers]
 
 
 def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu",

@@ -6,8 +6,9 @@ import hashlib
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -56,38 +57,51 @@ def prepare_output_dir(directory: Path) -> Path:
     return directory
 
 
-def _atomic_target(path: Path):
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (before any writer thread exists): os.umask can only be read by setting it.
+UMASK = _current_umask()
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Write ``path`` through a temporary file in the same folder, renamed into place when the block ends.
+
+    A killed run leaves either the old file or the new one, never half of one; an
+    error in the block removes the temporary. The file ends with the permissions a
+    plain ``open()`` would give it under the current umask (temporary files are 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, delete=False)
-    return handle
-
-
-def write_png(image: Image.Image, path: Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a PNG atomically (temporary file, then rename), with text metadata."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in (metadata or {}).items():
-        info.add_text(key, value)
-    handle = _atomic_target(path)
+    handle = tempfile.NamedTemporaryFile(mode, encoding=encoding, dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=TEMPORARY_SUFFIX, delete=False)
     try:
         with handle:
-            image.save(handle, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+            yield handle
+        os.chmod(handle.name, 0o666 & ~UMASK)
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+
+
+def write_png(image: Image.Image, path: Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a PNG atomically, with text metadata (``hookviz:layer``, ...)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value)
+    with atomic_write(path) as handle:
+        image.save(handle, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 
 def write_npy(array: torch.Tensor, path: Path) -> Path:
-    """Write a float32 .npy atomically."""
+    """Write a tensor as float32 .npy atomically."""
     import numpy
 
-    handle = _atomic_target(path)
-    try:
-        with handle:
-            numpy.save(handle, array.detach().float().cpu().numpy())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        numpy.save(handle, array.detach().float().cpu().numpy())
     return path

@@ -23,7 +23,8 @@ import torch
 
 from .errors import InputError
 from .images import ModelView, image_to_tensor, load_image, model_view, preprocess
-from .models import LoadedModel, Preprocessing
+from .models import LoadedModel
+from .preprocessing import Preprocessing
 
 WRITES_IN_FLIGHT = 2  # batches handed to the writer and not yet reported; bounds memory
 
@@ -57,7 +58,7 @@ class Record:
 
 
 class Job(Protocol):
-    """What an image command does with a batch. See fmaps.FmapJob and explain.CamJob."""
+    """What an image command does with a batch. See jobs.py."""
 
     command: str
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 
 @lru_cache(maxsize=None)
@@ -23,10 +23,8 @@ def colormap_lut(name: str) -> torch.Tensor:
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError:
-        import difflib
-
-        hint = difflib.get_close_matches(name, list(matplotlib.colormaps), n=3)
-        raise UsageError(f"unknown colormap {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else "; see matplotlib's colormap names")) from None
+        hint = did_you_mean(name, list(matplotlib.colormaps))
+        raise UsageError(f"unknown colormap {name!r}" + (hint or "; see matplotlib's colormap names")) from None
     rgba = cmap([i / 255 for i in range(256)])
     return (torch.tensor(rgba[:, :3]) * 255).round().to(torch.uint8)
 

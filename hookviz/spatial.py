@@ -12,7 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Mapping
+
 import torch
+
+from .errors import UsageError
 
 MAX_PREFIX_TOKENS = 2  # class token, plus a distillation token in DeiT-style models
 
@@ -23,11 +27,6 @@ class Layout:
     height: int
     width: int
     prefix: int = 0  # tokens before the patch grid (dropped)
-
-    def describe(self) -> str:
-        if self.kind == "tokens":
-            return f"{self.prefix} + {self.height}x{self.width} tokens"
-        return f"{self.height}x{self.width} ({self.kind})"
 
 
 def _aspect_error(height: int, width: int, input_size: tuple[int, int]) -> float:
@@ -70,3 +69,15 @@ def to_spatial(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
         return tensor.permute(0, 3, 1, 2)
     patches = tensor[:, layout.prefix:]
     return patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], layout.height, layout.width)
+
+
+def spatial_output(activations: Mapping[str, torch.Tensor], layer: str, input_size: tuple[int, int]) -> tuple[torch.Tensor, Layout]:
+    """The captured output of ``layer`` and how it reads as a map; a UsageError if it did not run or has no map."""
+    output = activations.get(layer)
+    if output is None:
+        raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
+    layout = spatial_layout(output.shape, input_size)
+    if layout is None:
+        raise UsageError(f"layer {layer!r} has output shape {tuple(output.shape)}, not a spatial map "
+                         "(N, C, H, W) or patch tokens; choose another with -l")
+    return output, layout

@@ -19,13 +19,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .hooks import first_tensor, preserved_state, resolve_layers, run_model
+from .forward import first_tensor, run_model
+from .hooks import hook_handles, preserved_state, resolve_layers
 from .layers import is_conv_layer, is_linear_layer
+from . import tables
+from .tables import json_float, short_number
 
 DEFAULT_BINS = 100
 # Bins narrower than float32's spacing at the data's magnitude would only show rounding.
@@ -206,11 +209,11 @@ class LayerStats:
         return {
             "values": self.count,
             "nonfinite": self.nonfinite,
-            "mean": _json_float(self.mean),
-            "std": _json_float(self.std),
-            "min": _json_float(self.min),
-            "max": _json_float(self.max),
-            "zero_fraction": _json_float(self.zero_fraction),
+            "mean": json_float(self.mean),
+            "std": json_float(self.std),
+            "min": json_float(self.min),
+            "max": json_float(self.max),
+            "zero_fraction": json_float(self.zero_fraction),
             "channels": self.channels,
             "dead_channels": self.dead_channels,
             "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
@@ -237,10 +240,6 @@ def _bin_grid(low: float, high: float, bins: int) -> tuple[int, int]:
         exponent += 1
 
 
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 # --- running a model --------------------------------------------------------------------------------
 
 
@@ -256,31 +255,31 @@ class StatsCollector:
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, bins: int = DEFAULT_BINS) -> None:
         names = list(layers) if layers is not None else stats_layer_names(model)
         self.model = model
+        self.bins = bins
         self.modules = resolve_layers(model, names)  # unknown names fail here, with suggestions
         self.stats = {name: LayerStats(bins=bins, channel_dim=-1 if is_linear_layer(module) else 1)
                       for name, module in self.modules.items()}
         self.images = 0
 
-    def update(self, batch: torch.Tensor) -> None:
-        """Run ``batch`` (N, C, H, W) through the model and add every layer's output to its statistics."""
-        handles = []
-        try:
-            with torch.no_grad(), preserved_state(self.model):
-                for name, module in self.modules.items():
-                    handles.append(module.register_forward_hook(self._hook(self.stats[name])))
-                run_model(self.model, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        self.images += batch.shape[0]
+    def update(self, batch: torch.Tensor, count: int | None = None) -> None:
+        """Run ``batch`` (N, C, H, W) through the model and add every layer's output to its statistics.
+
+        ``count``: only the first ``count`` images are real (the rest pads the batch for a
+        model that takes a fixed batch size); only their outputs are counted.
+        """
+        with torch.no_grad(), preserved_state(self.model), hook_handles() as handles:
+            for name, module in self.modules.items():
+                handles.append(module.register_forward_hook(self._hook(self.stats[name], count)))
+            run_model(self.model, batch)
+        self.images += batch.shape[0] if count is None else count
 
     @staticmethod
-    def _hook(stats: LayerStats):
+    def _hook(stats: LayerStats, count: int | None) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             # Reduced right here, before any later in-place op can overwrite the output.
             tensor = first_tensor(output)
             if tensor is not None:
-                stats.update(tensor)
+                stats.update(tensor if count is None else tensor[:count])
 
         return hook
 
@@ -310,18 +309,9 @@ def format_table(results: Mapping[str, LayerStats]) -> str:
             rows.append([name, "did not run", "", "", "", "", "", "0"])
             continue
         values = f"{stats.count:,}" + (f" (+{stats.nonfinite:,} non-finite)" if stats.nonfinite else "")
-        rows.append([name, _number(stats.mean), _number(stats.std), _number(stats.min), _number(stats.max),
+        rows.append([name, short_number(stats.mean), short_number(stats.std), short_number(stats.min), short_number(stats.max),
                      _percent(stats.zero_fraction), f"{len(stats.dead_channels)}/{stats.channels}", values])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:-1])]
-        lines.append("  ".join(cells + [row[-1]]).rstrip())
-    return "\n".join(lines)
-
-
-def _number(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.4g}"
+    return tables.format_table(rows, right=range(1, len(header) - 1))
 
 
 def _percent(value: float) -> str:

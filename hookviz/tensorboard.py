@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy
 from PIL import Image
 
 from .errors import UsageError
-from .images import image_to_tensor
 
 
 def summary_writer(log_dir: Path) -> Any:
@@ -47,7 +47,7 @@ class ImageSink:
     def add(self, tag: str, picture: Image.Image, input_path: str) -> None:
         step = self.step_for(input_path)
         with self.lock:
-            self.writer.add_image(tag, image_to_tensor(picture.convert("RGB")), global_step=step, dataformats="CHW")
+            self.writer.add_image(tag, numpy.asarray(picture.convert("RGB")), global_step=step, dataformats="HWC")
 
     def close(self) -> None:
         with self.lock:

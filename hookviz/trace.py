@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .hooks import _replace_tensor, first_tensor, preserved_state, run_model
-from .models import select_logits
+from .forward import first_tensor, replace_first_tensor, run_model, select_logits
+from .hooks import hook_handles, preserved_state
+from .tables import format_table, json_float, short_number
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -46,7 +47,7 @@ class TensorSummary:
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["shape"] = list(self.shape)
-        return {key: _json_float(value) if isinstance(value, float) else value for key, value in data.items()}
+        return {key: json_float(value) if isinstance(value, float) else value for key, value in data.items()}
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Trace:
     def as_json(self) -> dict[str, Any]:
         return {
             "classes": self.classes,
-            "score": _json_float(self.score),
+            "score": json_float(self.score),
             "events": [event.as_json() for event in self.events],
             "input_gradient": self.input_gradient.as_json() if self.input_gradient else None,
         }
@@ -106,20 +107,17 @@ def trace_model(model: nn.Module, batch: torch.Tensor, class_index: int | None =
     parameters' ``.grad`` and the hook lists are restored afterwards, also when
     the model fails.
     """
-    recorder = _Recorder(model)
-    try:
-        # inference_mode(False): a caller's inference mode would forbid any tensor from requiring grad.
-        with torch.inference_mode(False), torch.enable_grad(), preserved_state(model):
-            x = batch.detach().clone()
-            if x.is_floating_point():
-                x.requires_grad_(True)  # the graph then reaches every module, even with frozen parameters
-            recorder.attach()
-            logits = select_logits(run_model(model, x), output_key)
-            classes = _classes(logits, class_index)
-            score = logits[torch.arange(logits.shape[0], device=logits.device), classes].sum()
-            input_gradient = _backward(model, score, x)
-    finally:
-        recorder.detach()
+    # inference_mode(False): a caller's inference mode would forbid any tensor from requiring grad.
+    with torch.inference_mode(False), torch.enable_grad(), preserved_state(model), hook_handles() as handles:
+        recorder = _Recorder(model, handles)
+        x = batch.detach().clone()
+        if x.is_floating_point():
+            x.requires_grad_(True)  # the graph then reaches every module, even with frozen parameters
+        recorder.attach()
+        logits = select_logits(run_model(model, x), output_key)
+        classes = _classes(logits, class_index)
+        score = logits[torch.arange(logits.shape[0], device=logits.device), classes].sum()
+        input_gradient = _backward(model, score, x)
     return Trace(events=recorder.forward_events + recorder.backward_events, classes=classes.tolist(),
                  score=float(score.detach()), input_gradient=input_gradient)
 
@@ -148,13 +146,16 @@ def _backward(model: nn.Module, score: torch.Tensor, x: torch.Tensor) -> TensorS
 
 
 class _Recorder:
-    """The hooks of one trace: module forward hooks that register a tensor hook on each output."""
+    """The hooks of one trace: module forward hooks that register a tensor hook on each output.
 
-    def __init__(self, model: nn.Module) -> None:
+    Every hook goes into ``handles``, which the caller removes (``hooks.hook_handles``).
+    """
+
+    def __init__(self, model: nn.Module, handles: list[Any]) -> None:
         self.modules = list(model.named_modules())
         self.forward_events: list[TraceEvent] = []
         self.backward_events: list[TraceEvent] = []
-        self.handles: list[Any] = []
+        self.handles = handles
         self.calls: dict[int, int] = {}  # id(module) -> calls so far
         self.open: dict[int, list[TraceEvent]] = {}  # id(module) -> events of calls not returned yet
 
@@ -162,11 +163,6 @@ class _Recorder:
         for name, module in self.modules:
             self.handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self.handles.append(module.register_forward_hook(self._hook()))
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
 
     def _pre_hook(self, name: str):
         def pre_hook(module: nn.Module, inputs: Any) -> None:
@@ -199,7 +195,7 @@ class _Recorder:
             # itself: without a copy per module both hooks would sit on one tensor and fire in the
             # wrong order. And in-place ops downstream (ReLU(inplace=True), out += identity) then
             # modify the copy, never the tensor whose gradient is recorded.
-            return _replace_tensor(output, tensor.clone())
+            return replace_first_tensor(output, tensor.clone())
 
         return hook
 
@@ -247,10 +243,6 @@ def _gradient_note(summary: TensorSummary) -> str | None:
     return None
 
 
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 # --- text ---------------------------------------------------------------------------------------------
 
 
@@ -261,15 +253,9 @@ def format_trace(trace: Trace | Iterable[TraceEvent]) -> str:
     rows = [header] + [_row(event) for event in events]
     if isinstance(trace, Trace) and trace.input_gradient is not None:
         gradient = trace.input_gradient
-        rows.append(["bwd", "", "(input)", "", "", _shape(gradient.shape), _number(gradient.min),
-                     _number(gradient.max), _number(gradient.mean), _number(gradient.norm), _gradient_note(gradient) or ""])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    numeric = {1, 6, 7, 8, 9}
-    lines = []
-    for row in rows:
-        cells = [cell.rjust(width) if i in numeric else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+        rows.append(["bwd", "", "(input)", "", "", _shape(gradient.shape), short_number(gradient.min),
+                     short_number(gradient.max), short_number(gradient.mean), short_number(gradient.norm), _gradient_note(gradient) or ""])
+    return format_table(rows, right=(1, 6, 7, 8, 9))
 
 
 def _row(event: TraceEvent) -> list[str]:
@@ -277,15 +263,11 @@ def _row(event: TraceEvent) -> list[str]:
     summary = event.output
     inputs = ", ".join(_shape(item.shape) for item in event.inputs)
     values = ["", "", "", ""] if summary is None else [
-        _number(summary.min), _number(summary.max), _number(summary.mean),
-        "" if summary.norm is None else _number(summary.norm)]
+        short_number(summary.min), short_number(summary.max), short_number(summary.mean),
+        "" if summary.norm is None else short_number(summary.norm)]
     return ["fwd" if event.direction == FORWARD else "bwd", str(event.step), label, event.type, inputs,
             "" if summary is None else _shape(summary.shape), *values, event.note or ""]
 
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) if shape else "scalar"
-
-
-def _number(value: float | None) -> str:
-    return "" if value is None else f"{value:.4g}"

@@ -34,9 +34,10 @@ from PIL import Image
 from torch import nn
 
 from cli_helpers import hookviz, json_lines
-from hookviz.batch import BatchOptions, Manifest, parse_shard, plan_batch, shard_of
+from hookviz.batch import BatchOptions, parse_shard, plan_batch, shard_of
+from hookviz.manifest import Manifest
 from hookviz.errors import UsageError
-from hookviz.explain import CamJob, CamOptions
+from hookviz.jobs import CamJob, CamOptions
 from hookviz.models import load_model
 from hookviz.pipeline import prepare_image
 

@@ -16,7 +16,7 @@ from torchvision.transforms import functional as TF
 
 from cli_helpers import hookviz, json_lines
 from hookviz.cli import main
-from hookviz.models import IMAGENET_MEAN, IMAGENET_STD
+from hookviz.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 
 # --- layers --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from hookviz import gallery
-from hookviz.batch import Manifest
+from hookviz.manifest import Manifest
 from hookviz.gallery import gallery_from_manifest, write_gallery
 
 NASTY_LABEL = "<script>alert(1)</script>"

@@ -13,7 +13,7 @@ from torchvision.transforms import functional as TF
 
 from hookviz.errors import InputError, UsageError
 from hookviz.images import collect_inputs, load_image, model_view, preprocess
-from hookviz.models import Preprocessing
+from hookviz.preprocessing import Preprocessing
 
 RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 200, 40), (30, 40, 220), (255, 255, 255)
 

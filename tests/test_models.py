@@ -13,14 +13,9 @@ from torchvision.models import ResNet18_Weights
 
 from hookviz.errors import UsageError
 from hookviz.hooks import capture
-from hookviz.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Preprocessing,
-    load_labels,
-    load_model,
-    select_logits,
-)
+from hookviz.forward import select_logits
+from hookviz.models import load_labels, load_model
+from hookviz.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 def _same_outputs(a: nn.Module, b: nn.Module, shape=(2, 3, 64, 64)) -> bool:

@@ -154,7 +154,10 @@ def test_histogram_counts_sum_to_the_number_of_values(net, batches):
 
 
 def test_two_batches_give_exactly_what_one_batch_of_both_gives(net, batches):
-    first, second = batches[0], batches[2]
+    # In float64: float32 convolutions may round differently at another batch size (oneDNN picks kernels by shape),
+    # and this test is about how statistics are merged, not about the convolution.
+    net = net.double()
+    first, second = batches[0].double(), batches[2].double()
     streamed = collect_stats(net, [first, second])
     at_once = collect_stats(net, [torch.cat([first, second])])
 

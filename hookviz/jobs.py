@@ -1,4 +1,10 @@
-"""Turn CAMs into files: an overlay per (image, class) at the original photo's resolution."""
+"""What each image command does with a batch: run the method, then write one input's files and record.
+
+A job plugs into the batch loop (pipeline.run_job) as a ``pipeline.Job``:
+``compute`` runs the model on a batch in the calling thread, ``write`` renders
+and writes one image's outputs in the writer thread and returns its ``Record``.
+The methods themselves (fmaps, cams, guided, stats) know nothing of files.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,103 @@ import torch
 from PIL import Image
 
 from .cams import CamBatch, compute_cams
-from .guided import GuidedBatch
+from .fmaps import channel_grid, selected_channels
+from .forward import run_model
+from .guided import GuidedBatch, compute_guided, gradient_image
+from .hooks import capture
 from .models import LoadedModel
-from .output import safe_name, write_npy, write_png
+from .output import layer_file_names, safe_name, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
 from .render import draw_caption, heat_in_image, normalize_map, overlay, to_pil
+from .spatial import spatial_output, to_spatial
+from .stats import StatsCollector
+
+
+# --- fmaps -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FmapOptions:
+    out_dir: Path
+    layers: list[str]
+    max_channels: int = 64
+    cmap: str = "viridis"
+    save_raw: bool = False
+    label_channels: bool = True
+    layers_named: bool = True  # False for the default "every Conv2d": convs that do not run (training-only heads) are skipped
+    tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
+
+
+@dataclass
+class LayerMaps:
+    maps: torch.Tensor  # (B, k, h, w) the channels to draw, on the CPU
+    channels: torch.Tensor  # (B, k) their indices
+    shape: tuple[int, ...]  # (C, h, w) of the layer's output
+    raw: torch.Tensor | None = None  # (B, C, h, w) everything, for --save-raw
+
+
+class FmapJob:
+    """Feature-map grids: one forward pass per batch captures every layer; one grid per (image, layer)."""
+
+    command = "fmaps"
+
+    def __init__(self, loaded: LoadedModel, options: FmapOptions):
+        self.loaded, self.options = loaded, options
+
+    def settings(self) -> dict[str, Any]:
+        options = self.options
+        return {"layers": options.layers, "max_channels": options.max_channels, "cmap": options.cmap,
+                "save_raw": options.save_raw, "label_channels": options.label_channels}
+
+    def output_patterns(self) -> list[str]:
+        return [f"fmap_{name}.png" for name in layer_file_names(self.options.layers).values()]
+
+    def compute(self, batch: list[PreparedImage]) -> dict[str, LayerMaps]:
+        """Per layer, the channels to draw (and the whole output with --save-raw).
+
+        Only the shown channels are kept for the writer, so batches waiting to be written stay small.
+        """
+        options = self.options
+        with capture(self.loaded.module, options.layers) as activations:
+            run_model(self.loaded.module, model_batch(batch, self.loaded))
+        layers = options.layers if options.layers_named else [layer for layer in options.layers if layer in activations]
+        result = {}
+        for layer in layers:
+            output, layout = spatial_output(activations, layer, self.loaded.preprocessing.input_size)
+            activation = to_spatial(output, layout)  # tokens and channels-last outputs as (B, C, h, w)
+            maps, channels = selected_channels(activation, options.max_channels)
+            raw = activation.detach().float().cpu() if options.save_raw else None
+            result[layer] = LayerMaps(maps=maps, channels=channels, shape=tuple(activation.shape[1:]), raw=raw)
+        return result
+
+    def write(self, item: PreparedImage, index: int, result: dict[str, LayerMaps]) -> Record:
+        options = self.options
+        record = Record(input=str(item.path))
+        file_names = layer_file_names(options.layers)
+        for layer, layer_maps in result.items():
+            shape = layer_maps.shape
+            grid = channel_grid(layer_maps.maps[index], layer_maps.channels[index].tolist(), shape[0], cmap=options.cmap,
+                                label_channels=options.label_channels)
+            folder, name = options.out_dir / item.stem, f"fmap_{file_names[layer]}"
+            metadata = {
+                "hookviz:layer": layer,
+                "hookviz:shape": "x".join(map(str, shape)),
+                "hookviz:channels": ",".join(map(str, grid.channels)),
+                "hookviz:selection": (f"the {len(grid.channels)} most active of {grid.total_channels} channels (mean |activation|)"
+                                      if grid.is_subset else f"all {grid.total_channels} channels"),
+                "hookviz:input": str(item.path),
+            }
+            output = {"kind": "fmap", "layer": layer, "png": str(write_png(grid.image, folder / f"{name}.png", metadata)),
+                      "channels": grid.channels}
+            if options.tensorboard is not None:
+                options.tensorboard.add(f"fmaps/{layer}", grid.image, str(item.path))
+            if options.save_raw:
+                output["raw"] = str(write_npy(layer_maps.raw[index], folder / f"{name}.npy"))
+            record.outputs.append(output)
+        return record
+
+
+# --- CAMs and guided backpropagation -----------------------------------------------------------------
 
 
 @dataclass
@@ -95,8 +193,6 @@ class GuidedJob:
         return [pattern for c in _class_patterns(self.options) for pattern in (f"guided_c{c}.png", f"guided-gradcam_{layer}_c{c}.png")]
 
     def compute(self, batch: list[PreparedImage]) -> GuidedBatch:
-        from .guided import compute_guided
-
         options = self.options
         result = compute_guided(self.loaded.module, model_batch(batch, self.loaded), layer=options.layer,
                                 classes=options.classes, top_k=options.top_k, output_key=self.loaded.output_key)
@@ -143,8 +239,6 @@ def _write_class_output(picture: Image.Image, path: Path, item: PreparedImage, m
 
 def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Image:
     """A guided gradient (3, h, w) drawn over the part of the original image the model saw; grey elsewhere."""
-    from .guided import gradient_image
-
     pixels = gradient_image(gradient.float().cpu())
     channels, seen = [], None
     for channel in pixels:
@@ -158,3 +252,28 @@ def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Imag
 def _predictions(loaded: LoadedModel, probabilities: torch.Tensor, count: int) -> list[dict]:
     top = probabilities.topk(min(count, probabilities.shape[0]))
     return [{"class": int(c), "label": loaded.label(int(c)), "score": round(float(p), 6)} for p, c in zip(top.values, top.indices)]
+
+
+# --- stats -------------------------------------------------------------------------------------------
+
+
+class StatsJob:
+    """Activation statistics: each batch updates the collector; no files per input (the CLI writes the summary)."""
+
+    command = "stats"
+
+    def __init__(self, loaded: LoadedModel, collector: StatsCollector):
+        self.loaded, self.collector = loaded, collector
+
+    def settings(self) -> dict[str, Any]:
+        return {"layers": list(self.collector.stats), "bins": self.collector.bins}
+
+    def output_patterns(self) -> list[str]:
+        return []
+
+    def compute(self, batch: list[PreparedImage]) -> None:
+        # A fixed-batch .pt2 gets a padded batch; only the real images count.
+        self.collector.update(model_batch(batch, self.loaded), count=len(batch))
+
+    def write(self, item: PreparedImage, index: int, result: None) -> Record:
+        return Record(input=str(item.path))

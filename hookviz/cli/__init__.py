@@ -1,0 +1,290 @@
+"""The ``hookviz`` command line: one small function per command over the library.
+
+torch and torchvision are imported inside the commands, so ``hookviz --help``
+answers at once. Library errors become one line on stderr and an exit code
+(2 usage, 1 failed inputs); stdout carries only output paths or JSON Lines.
+Option groups (options.py) hand each command typed values; runs.py holds the
+steps commands share; report.py what the user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .options import (
+    ModelArgs,
+    RunArgs,
+    StatsArgs,
+    TargetArgs,
+    crop_option,
+    method_option,
+    model_options,
+    quiet_option,
+    run_options,
+    stats_options,
+    target_options,
+    tensorboard_option,
+)
+from .report import note, report_records, reports_errors
+from .runs import explained, load, run_batch, tensorboard_images
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hookviz")
+def main() -> None:
+    """Feature maps and CAM heatmaps for PyTorch CNNs, from the command line.
+
+    MODEL is a torchvision model name (resnet50), a state_dict (.pt/.pth), a
+    torch.export program (.pt2), or package.module:callable.
+
+    \b
+    Examples:
+      hookviz layers resnet50
+      hookviz fmaps model.pt2 photo.jpg -l layer1.0.conv1
+      hookviz fmaps resnet18 photos/ --json | jq .outputs[].png
+    """
+
+
+@main.command()
+@click.argument("model")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.option("--all", "show_all", is_flag=True, help="Also list modules that did not run in the forward pass.")
+@reports_errors
+def layers(model: str, model_args: ModelArgs, as_json: bool, show_all: bool) -> None:
+    """List every layer with its type, output shape and parameter count.
+
+    The layer that gradcam uses by default is marked with *.
+
+    \b
+    Example:
+      hookviz layers resnet50 --weights none
+    """
+    from ..layers import layer_records, layer_table, trace_layers
+
+    loaded = load(model, model_args, quiet=as_json)
+    trace = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device, batch=loaded.fixed_batch or 1)
+    cam_layer = trace.default_cam_layer()
+    rows = [info for info in trace.layers if show_all or info.output_shape is not None]
+    if as_json:
+        click.echo(json.dumps(layer_records(rows, cam_layer), indent=1))
+        return
+    click.echo(layer_table(rows, cam_layer))
+    click.echo(f"* default CAM layer: {cam_layer or 'none (no layer with a spatial output)'}", err=True)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-l", "--layer", "layer_names", multiple=True, metavar="NAME", help="Layer to draw (repeatable; default: every Conv2d).")
+@click.option("--max-channels", type=click.IntRange(min=1), default=64, show_default=True, help="At most N tiles: the N most active channels.")
+@click.option("--cmap", default="viridis", show_default=True, help="A matplotlib colormap name.")
+@click.option("--save-raw", is_flag=True, help="Also write each layer's output as float32 .npy (C, h, w).")
+@click.option("--no-index", is_flag=True, help="Do not print channel indices on the tiles.")
+@tensorboard_option
+@model_options
+@run_options
+@reports_errors
+def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max_channels: int, cmap: str,
+          save_raw: bool, no_index: bool, tensorboard_dir: Path | None, model_args: ModelArgs, run: RunArgs) -> None:
+    """Write a feature-map grid per image and layer: DIR/<image-stem>/fmap_<layer>.png.
+
+    \b
+    Examples:
+      hookviz fmaps resnet18 cat.jpg                      # every Conv2d layer
+      hookviz fmaps model.pt2 photos/ -l layer2.0.conv1 --max-channels 16
+    """
+    from ..errors import UsageError
+    from ..hooks import resolve_layers
+    from ..jobs import FmapJob, FmapOptions
+    from ..layers import conv_layer_names
+    from ..render import colormap_lut
+
+    loaded = load(model, model_args, run.quiet)
+    names = list(layer_names) or conv_layer_names(loaded.module)
+    if not names:
+        raise UsageError("the model has no Conv2d layers; name layers with -l (see 'hookviz layers MODEL')")
+    resolve_layers(loaded.module, names)
+    colormap_lut(cmap)  # an unknown colormap fails before any work
+    with tensorboard_images(tensorboard_dir) as sink:
+        job = FmapJob(loaded, FmapOptions(out_dir=run.out_dir, layers=names, max_channels=max_channels, cmap=cmap,
+                                          save_raw=save_raw, label_channels=not no_index, layers_named=bool(layer_names),
+                                          tensorboard=sink))
+        code = run_batch(loaded, job, images, run)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@target_options
+@method_option
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Heatmap opacity.")
+@click.option("--cmap", default="jet", show_default=True, help="A matplotlib colormap name.")
+@click.option("--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1].")
+@tensorboard_option
+@model_options
+@run_options
+@reports_errors
+def gradcam(model: str, images: tuple[str, ...], target: TargetArgs, method: str, alpha: float, cmap: str,
+            save_raw: bool, tensorboard_dir: Path | None, model_args: ModelArgs, run: RunArgs) -> None:
+    """Write CAM heatmap overlays: DIR/<image-stem>/<method>_<layer>_c<class>.png.
+
+    Overlays have the original image's size; with --crop, what the model did not see is dimmed.
+
+    \b
+    Examples:
+      hookviz gradcam resnet50 cat.jpg                       # top-1 class, Grad-CAM
+      hookviz gradcam resnet50 cat.jpg --class "tabby" -m gradcam++
+      hookviz gradcam model.pt2 photos/ --top-k 3 --json | jq .predictions
+      find photos -name '*.jpg' | hookviz gradcam resnet50 - --skip-existing -o maps
+    """
+    from ..batch import default_batch_size
+    from ..jobs import CamJob, CamOptions
+    from ..render import colormap_lut
+
+    loaded, classes, layer = explained(model, model_args, target, run.quiet)
+    colormap_lut(cmap)
+    with tensorboard_images(tensorboard_dir) as sink:
+        job = CamJob(loaded, CamOptions(out_dir=run.out_dir, layer=layer, method=method, classes=classes,
+                                        top_k=target.top_k, alpha=alpha, cmap=cmap, save_raw=save_raw,
+                                        score_batch_size=run.batch_size or default_batch_size(loaded.device),
+                                        tensorboard=sink))
+        code = run_batch(loaded, job, images, run)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@target_options
+@model_options
+@run_options
+@reports_errors
+def guided(model: str, images: tuple[str, ...], target: TargetArgs, model_args: ModelArgs, run: RunArgs) -> None:
+    """Write guided backpropagation and guided Grad-CAM images per image and class.
+
+    DIR/<image-stem>/guided_c<class>.png and guided-gradcam_<layer>_c<class>.png,
+    at the original image's size. Needs a model with ReLU modules.
+
+    \b
+    Examples:
+      hookviz guided resnet50 cat.jpg
+      hookviz guided resnet50 cat.jpg --class "tabby" -l layer3
+    """
+    from ..jobs import CamOptions, GuidedJob
+
+    loaded, classes, layer = explained(model, model_args, target, run.quiet)
+    job = GuidedJob(loaded, CamOptions(out_dir=run.out_dir, layer=layer, classes=classes, top_k=target.top_k))
+    sys.exit(run_batch(loaded, job, images, run))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-l", "--layer", "layer_names", multiple=True, metavar="NAME", help="Layer to measure (repeatable; default: every Conv2d and Linear).")
+@click.option("--bins", type=click.IntRange(min=4, max=10_000), default=100, show_default=True, help="Histogram bins per layer.")
+@stats_options
+@tensorboard_option
+@model_options
+@reports_errors
+def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bins: int, run: StatsArgs,
+          tensorboard_dir: Path | None, model_args: ModelArgs) -> None:
+    """Activation statistics per layer over all images: mean, std, min, max, zeros, dead channels, histogram.
+
+    A zero is a value a ReLU would zero (<= 0); a dead channel is never > 0 on any
+    image at any position. Memory stays flat however many images: statistics and
+    fixed-bin histograms are updated batch by batch.
+
+    \b
+    Examples:
+      hookviz stats resnet50 photos/                    # table + out/stats.png
+      hookviz stats model.pt2 photos/ -l layer4 --json | jq '{layer, dead_channels}'
+    """
+    from contextlib import nullcontext
+
+    from ..batch import default_batch_size, default_workers
+    from ..errors import UsageError
+    from ..images import collect_inputs
+    from ..jobs import StatsJob
+    from ..output import output_stems, prepare_output_dir
+    from ..pipeline import run_job
+    from ..stats import StatsCollector, format_table, histogram_figure
+
+    loaded = load(model, model_args, run.quiet)
+    collector = StatsCollector(loaded.module, list(layer_names) or None, bins=bins)
+    if not collector.stats:
+        raise UsageError("the model has no Conv2d or Linear layers; name layers with -l (see 'hookviz layers MODEL')")
+    figure_path = prepare_output_dir(run.out_dir) / "stats.png"
+    if figure_path.exists() and not run.overwrite:
+        raise UsageError(f"{figure_path} already exists; pass --overwrite to replace it, or choose another -o")
+    paths = collect_inputs(images)
+    stems = output_stems(paths)
+    writer = None
+    if tensorboard_dir is not None:  # a missing tensorboard package fails before any work
+        from ..tensorboard import summary_writer
+
+        writer = summary_writer(tensorboard_dir)
+    with writer if writer is not None else nullcontext():  # closed however the run ends
+        records = run_job([(path, stems[path]) for path in paths], loaded, StatsJob(loaded, collector), crop=run.crop,
+                          batch_size=run.batch_size or default_batch_size(loaded.device), max_pixels=run.max_pixels,
+                          workers=run.workers if run.workers is not None else default_workers(len(paths), run.batch_size))
+        counts = report_records(records, len(paths), quiet=run.quiet, print_outputs=False)
+        if collector.images == 0:
+            raise UsageError("no image could be read; nothing to measure")
+        results = collector.results()
+        histogram_figure(results, figure_path)
+        if writer is not None:
+            from ..tensorboard import add_layer_statistics
+
+            add_layer_statistics(writer, results)
+    if run.as_json:
+        for name, layer_stats in results.items():
+            click.echo(json.dumps({"layer": name, **layer_stats.as_dict()}))
+    else:
+        click.echo(format_table(results))
+    if not run.quiet:
+        note(f"{collector.images} image(s), {len(results)} layer(s); histograms in {figure_path}")
+    sys.exit(1 if counts["error"] else 0)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("image")
+@click.option("-c", "--class", "class_value", metavar="C", help="Class whose score is backpropagated (default: the top-1 prediction).")
+@crop_option
+@click.option("--json", "as_json", is_flag=True, help="Print the trace as one JSON object.")
+@quiet_option
+@model_options
+@reports_errors
+def trace(model: str, image: str, class_value: str | None, crop: bool, as_json: bool, quiet: bool,
+          model_args: ModelArgs) -> None:
+    """Print every module's forward inputs and outputs, then the gradients flowing back, for one image.
+
+    Forward rows come in execution order with shapes and value ranges; backward
+    rows in the order autograd reaches each module's output, with the gradient's
+    shape and norm (zero and non-finite gradients are flagged). Gradients are read
+    with tensor hooks, so in-place ops and the model's parameters are left alone.
+
+    \b
+    Examples:
+      hookviz trace resnet18 cat.jpg
+      hookviz trace model.pt2 cat.jpg -c 281 --json | jq '.events[] | select(.direction == "backward") | .output.norm'
+    """
+    from ..pipeline import model_batch, prepare_image
+    from ..trace import format_trace, trace_model
+
+    loaded = load(model, model_args, quiet)
+    class_index = loaded.class_index(class_value) if class_value is not None else None
+    prepared = prepare_image(Path(image), Path(image).stem, loaded.preprocessing, crop)  # InputError: exit 1
+    result = trace_model(loaded.module, model_batch([prepared], loaded), class_index=class_index,
+                         output_key=loaded.output_key)
+    click.echo(json.dumps(result.as_json()) if as_json else format_trace(result))
+    if not quiet:
+        label = loaded.label(result.classes[0])
+        note(f"traced {len(result.forward)} module calls and {len(result.backward)} gradients "
+             f"for class {result.classes[0]} ({label})")

@@ -1,0 +1,133 @@
+"""What a run tells its user: errors as one line and an exit code, a progress bar, per-input lines, a summary.
+
+stdout carries only output paths or JSON Lines (for scripts); everything for
+people goes to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from types import TracebackType
+from typing import Any, Callable, Iterator, TypeVar
+
+import click
+
+EXIT_INTERRUPTED = 130
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int) -> None:
+    """Print ``hookviz: error: MESSAGE`` on stderr and exit with ``code``."""
+    click.echo(f"hookviz: error: {message}", err=True)
+    sys.exit(code)
+
+
+def note(message: str) -> None:
+    """One line for people on stderr."""
+    click.echo(f"hookviz: {message}", err=True)
+
+
+def reports_errors(command: F) -> F:
+    """Map hookviz's errors to one line on stderr and an exit code; Ctrl-C to 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..errors import HookvizError
+
+        try:
+            return command(*args, **kwargs)
+        except HookvizError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            note("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Progress:
+    """A progress bar on stderr (images done, images/s, ETA) only when stderr is a terminal and not --quiet."""
+
+    def __init__(self, total: int, hidden: bool):
+        self.total, self.hidden, self.rate = total, hidden, 0.0
+        self.bar: Any = None
+
+    def __enter__(self) -> Progress:
+        stderr = click.get_text_stream("stderr")
+        if not self.hidden and stderr.isatty() and self.total > 1:
+            self.bar = click.progressbar(length=self.total, label="hookviz", file=stderr, show_eta=True, show_pos=True,
+                                         item_show_func=lambda _: f"{self.rate:.1f} images/s" if self.rate else None)
+            self.bar.__enter__()
+        return self
+
+    def advance(self, elapsed: float) -> None:
+        if self.bar is not None:
+            self.rate = (self.bar.pos + 1) / elapsed if elapsed > 0 else 0.0
+            self.bar.update(1, True)
+
+    def clear(self) -> None:
+        """Erase the bar's line before other output, so lines do not mix; the next update redraws it."""
+        if self.bar is not None:
+            click.echo("\r\033[K", nl=False, err=True)
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(kind, value, traceback)
+
+
+class Counts(dict[str, int]):
+    """Records seen per status (ok, error, skipped), and when counting started."""
+
+    def __init__(self) -> None:
+        super().__init__(ok=0, error=0, skipped=0)
+        self.started = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def report_records(records: Iterator[Any], total: int, *, quiet: bool, verbose: bool = False, as_json: bool = False,
+                   print_outputs: bool = True, fail_fast: bool = False) -> Counts:
+    """Consume ``records`` (pipeline.Record), telling the user about each; return the counts per status.
+
+    stdout gets each record as JSON (``as_json``) or its PNG paths (``print_outputs``);
+    stderr gets failures, and with ``verbose`` one line per input. ``fail_fast`` stops at
+    the first failure. ``records`` is closed at the end, also on Ctrl-C.
+    """
+    counts = Counts()
+    with Progress(total, hidden=quiet) as progress:
+        try:
+            for number, record in enumerate(records, start=1):
+                counts[record.status] = counts.get(record.status, 0) + 1
+                progress.clear()
+                if as_json:
+                    click.echo(json.dumps(record.as_json()))
+                elif print_outputs and record.status == "ok":
+                    for output in record.outputs:
+                        click.echo(output["png"])
+                if record.status == "error":
+                    click.echo(f"hookviz: error: {record.error}", err=True)
+                elif verbose:
+                    note(f"[{number}/{total}] {record.input}: {record.status}, {len(record.outputs)} output(s)")
+                progress.advance(counts.elapsed)
+                if record.status == "error" and fail_fast:
+                    note("stopped at the first failure (--fail-fast)")
+                    break
+        finally:
+            close = getattr(records, "close", None)
+            if close is not None:
+                close()
+    return counts
+
+
+def summary_line(counts: Counts, out_dir: Any) -> str:
+    """``3 ok, 1 failed, 0 skipped in 2.1 s (1.9 images/s); outputs under DIR/``."""
+    done = counts["ok"] + counts["error"]
+    elapsed = counts.elapsed
+    rate = f" ({done / elapsed:.1f} images/s)" if done and elapsed > 0 else ""
+    return (f"{counts['ok']} ok, {counts['error']} failed, {counts['skipped']} skipped "
+            f"in {elapsed:.1f} s{rate}; outputs under {out_dir}/")

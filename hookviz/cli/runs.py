@@ -1,0 +1,102 @@
+"""The steps every command shares around the library: load the model, choose what to explain, run a batch.
+
+Library imports happen inside the functions, so ``hookviz --help`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from .options import ModelArgs, RunArgs, TargetArgs
+from .report import note, report_records, summary_line
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+    from ..pipeline import Job
+
+
+def load(spec: str, model_args: ModelArgs, quiet: bool) -> LoadedModel:
+    """Load MODEL with the model options; say what was loaded unless ``quiet``."""
+    from ..memory import keep_freed_memory
+    from ..models import load_model
+
+    keep_freed_memory()  # before the first large allocation: see hookviz/memory.py
+    loaded = load_model(spec, **asdict(model_args))
+    if not quiet:
+        note(f"model: {loaded.description}")
+    return loaded
+
+
+def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool) -> tuple[LoadedModel, list[int], str]:
+    """Load the model, resolve the --class values and the target layer (the default one when -l is omitted)."""
+    from ..errors import UsageError
+    from ..hooks import resolve_layers
+    from ..layers import trace_layers
+
+    if target.class_values and target.top_k != 1:
+        raise UsageError("give either --class or --top-k, not both")
+    loaded = load(spec, model_args, quiet)
+    # A class given twice would overwrite its own file: each is explained once.
+    classes = list(dict.fromkeys(loaded.class_index(value) for value in target.class_values))
+    layer = target.layer_name
+    if layer is None:
+        layer = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device,
+                             batch=loaded.fixed_batch or 1).default_cam_layer()
+        if layer is None:
+            raise UsageError("the model has no layer with a spatial output to explain; name one with -l")
+        if not quiet:
+            note(f"layer: {layer} (default; choose another with -l)")
+    resolve_layers(loaded.module, [layer])
+    return loaded, classes, layer
+
+
+def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunArgs) -> int:
+    """Run ``job`` over the inputs with the manifest, progress and JSON Lines; return the exit code."""
+    from ..batch import BatchOptions, default_workers, parse_shard, plan_batch
+    from ..images import collect_inputs
+
+    paths = collect_inputs(images)
+    workers = run.workers if run.workers is not None else default_workers(len(paths), run.batch_size)
+    options = BatchOptions(out_dir=run.out_dir, batch_size=run.batch_size, workers=workers, crop=run.crop,
+                           shard=parse_shard(run.shard) if run.shard else None, skip_existing=run.skip_existing,
+                           overwrite=run.overwrite, max_pixels=run.max_pixels, argv=sys.argv[1:])
+    planned = plan_batch(paths, loaded, job, options)
+    verbose = run.verbose and not run.quiet
+    if verbose:
+        note(f"{planned.total} input(s), batch size {planned.header['batch_size']}, {workers} decoding worker(s), "
+             f"{len(planned.skipped)} already done")
+    counts = report_records(planned.records, planned.total, quiet=run.quiet, verbose=verbose, as_json=run.as_json,
+                            fail_fast=run.fail_fast)
+    if not run.quiet:
+        note(summary_line(counts, options.out_dir))
+    if verbose:
+        note(f"time: {planned.timings.as_text()}")
+    if run.html:
+        from ..gallery import gallery_from_manifest
+
+        page = gallery_from_manifest(options.out_dir)
+        if not run.quiet:
+            note(f"gallery: {page}")
+    return 1 if counts["error"] else 0
+
+
+def tensorboard_images(log_dir: Any) -> Any:
+    """A context manager: an ImageSink writing to ``log_dir`` for the block (None without --tensorboard), closed even on errors."""
+    from contextlib import contextmanager, nullcontext
+
+    if log_dir is None:
+        return nullcontext(None)
+
+    @contextmanager
+    def sink() -> Any:
+        from ..tensorboard import ImageSink, summary_writer
+
+        images = ImageSink(summary_writer(log_dir))
+        try:
+            yield images
+        finally:
+            images.close()
+
+    return sink()

@@ -1,0 +1,170 @@
+"""Resolve a MODEL argument into a module, its preprocessing and its class names.
+
+A user passes whatever they have: a torchvision model name (``zoo``), a
+state_dict file (with or without ``arch``), a ``torch.export`` ``.pt2``
+program, a pickled module (only with ``trust``), or ``package.module:callable``
+(``files``). TorchScript is refused with the alternatives, because hooks do not
+run on ScriptModules.
+
+torchvision is imported only when a torchvision model or architecture is asked
+for: importing it costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UsageError, close_matches
+from ..forward import select_logits
+from ..preprocessing import Preprocessing, default_preprocessing
+
+CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MODEL_FILE_SUFFIXES = frozenset({".pt", ".pth", ".pt2", ".ckpt", ".bin", ".jit"})
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for hooks: in eval mode, on its device, with what it expects."""
+
+    module: nn.Module
+    spec: str  # the MODEL argument as given
+    description: str  # one line for people: what was loaded, from where
+    preprocessing: Preprocessing = field(default_factory=default_preprocessing)
+    labels: list[str] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    output_key: str | None = None
+    fixed_batch: int | None = None  # a .pt2 exported without a dynamic batch dimension takes exactly this batch size
+
+    def label(self, class_index: int) -> str:
+        """The class name of ``class_index``, or ``class N`` when the model has no name for it."""
+        if self.labels is not None and 0 <= class_index < len(self.labels):
+            return self.labels[class_index]
+        return f"class {class_index}"
+
+    def class_index(self, value: str | int) -> int:
+        """A class given as an index (``243``) or a label (``"bull mastiff"``, case-insensitive)."""
+        text = str(value).strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        if self.labels is None:
+            raise UsageError(f"--class {text!r}: this model has no class names; give an index, or names with --labels")
+        folded = [name.lower() for name in self.labels]
+        if text.lower() in folded:
+            return folded.index(text.lower())
+        hint = close_matches(text, self.labels, fold_case=True)
+        suggestion = f"; did you mean {', '.join(map(repr, hint))}?" if hint else ""
+        raise UsageError(f"--class {text!r} is not a class name of this model{suggestion}")
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """The class scores in a model's output (a tensor, a tuple or a dict)."""
+        return select_logits(output, self.output_key)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``mps``; a UsageError if it is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available here; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name!r}: choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str = "DEFAULT",
+    arch: str | None = None,
+    state_dict: str | Path | None = None,
+    trust: bool = False,
+    size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    labels: str | None = None,
+    device: str = "auto",
+    output_key: str | None = None,
+) -> LoadedModel:
+    """Load MODEL as the CLI does, in eval mode on its device. Raises UsageError with a one-line fix on failure.
+
+    Args:
+        spec: a torchvision model name, a model file (.pt/.pth state_dict, .pt2, pickled module with
+            ``trust``), or ``package.module:callable`` returning an ``nn.Module``.
+        weights: torchvision weights: ``DEFAULT``, an enum member name, or ``none`` for random weights.
+        arch: the torchvision architecture of a state_dict file (detected when None).
+        state_dict: weights for a ``package.module:callable`` model.
+        trust: allow unpickling, which runs code from the file.
+        size: model input (height, width); default from the weights or the .pt2, else 224x224.
+        mean, std: normalization; default from the weights, else ImageNet's.
+        labels: ``imagenet`` or a file of class names (default: the weights' categories).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        output_key: which part of a tuple/dict model output holds the class scores.
+
+    Returns:
+        The ``LoadedModel``: module, preprocessing, labels, device and what the file fixes (batch size).
+    """
+    from . import files, zoo
+
+    path = Path(spec)
+    if CALLABLE_SPEC.match(spec) and not path.exists():
+        loaded = files.load_callable(spec, state_dict)
+    elif path.exists():
+        if path.is_dir():
+            raise UsageError(f"model {spec!r} is a directory; pass a model file or a torchvision model name")
+        if state_dict is not None:
+            raise UsageError("--state-dict goes with a package.module:callable MODEL; a file MODEL already holds weights")
+        loaded = files.load_file(path, arch=arch, trust=trust)
+    elif _looks_like_path(spec):
+        raise UsageError(f"model file not found: {spec}")
+    else:
+        if state_dict is not None:
+            raise UsageError("--state-dict goes with a package.module:callable MODEL; for torchvision use --weights")
+        loaded = zoo.load_torchvision(spec, weights)
+
+    if size is not None:
+        loaded.preprocessing = loaded.preprocessing.with_input_size(size)
+    if mean is not None:
+        loaded.preprocessing = replace(loaded.preprocessing, mean=mean)
+    if std is not None:
+        loaded.preprocessing = replace(loaded.preprocessing, std=std)
+    if labels is not None:
+        loaded.labels = load_labels(labels)
+    loaded.device = resolve_device(device)
+    loaded.module.to(loaded.device)
+    loaded.module.eval()
+    loaded.output_key = output_key
+    return loaded
+
+
+def load_labels(source: str) -> list[str]:
+    """Class names from ``imagenet`` (torchvision's categories, no download) or a file: one name per line, or a JSON list."""
+    if source == "imagenet":
+        from torchvision.models import ResNet50_Weights
+
+        return list(ResNet50_Weights.DEFAULT.meta["categories"])
+    path = Path(source)
+    if not path.is_file():
+        raise UsageError(f"--labels {source!r}: not a file; use 'imagenet' or a text file with one class name per line")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--labels {source}: invalid JSON ({exc.msg}); use a JSON list of names") from None
+        if not isinstance(names, list):
+            raise UsageError(f"--labels {source}: expected a JSON list of class names")
+        return [str(name) for name in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or "\\" in spec or Path(spec).suffix.lower() in MODEL_FILE_SUFFIXES

@@ -1,0 +1,219 @@
+"""Models from files and code: .pt/.pth state_dicts, .pt2 programs, pickled modules, ``package.module:callable``.
+
+Nothing here runs code from a file unless the user said ``trust``: state_dicts
+load with ``weights_only=True``, and so do the pickled parts of a .pt2 archive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..preprocessing import default_preprocessing
+from . import LoadedModel
+from .zoo import build_arch, detect_torchvision_arch
+
+STATE_DICT_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
+    """A model file: a .pt2 program, a state_dict (architecture ``arch`` or detected), or, with ``trust``, a pickle."""
+    names = _zip_names(path)
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise UsageError(
+            f"{path} is a TorchScript file; hooks do not run on TorchScript modules. "
+            "Export the model with torch.export to a .pt2 file, or save its state_dict and use --arch"
+        )
+    if path.suffix == ".pt2" or any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+        return load_exported(path, trust=trust)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust:
+            raise UsageError(
+                f"{path} is a pickled Python object and loading it would run code from the file; "
+                "if you trust its source re-run with --trust, else use a state_dict with --arch or a .pt2 export"
+            ) from None
+        return _load_pickled_module(path)
+    except Exception as exc:
+        raise UsageError(f"cannot read {path} as a PyTorch file ({type(exc).__name__}); pass a .pt/.pth state_dict, a .pt2 export, or a model name") from None
+    state = unwrap_state_dict(obj)
+    if state is None:
+        raise UsageError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; save model.state_dict() or export to .pt2")
+    if arch is not None:
+        return build_arch(arch, state, str(path), detected=False)
+    found = detect_torchvision_arch(state)
+    if found is None:
+        raise UsageError(
+            f"{path} is a state_dict that matches no torchvision architecture; "
+            "pass --arch NAME, use package.module:callable with --state-dict, or export the model to .pt2"
+        )
+    return build_arch(found[0], state, str(path), detected=True)
+
+
+def _zip_names(path: Path) -> list[str]:
+    if not zipfile.is_zipfile(path):
+        return []
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The tensors of a state_dict, also inside common checkpoint layouts and without DataParallel's prefix; else None."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = dict(obj)
+    else:
+        for key in STATE_DICT_WRAPPER_KEYS:  # common checkpoint layouts: {"state_dict": ..., "epoch": ...}
+            if key in obj and isinstance(obj[key], Mapping):
+                return unwrap_state_dict(obj[key])
+        return None
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_exported(path: Path, trust: bool = False) -> LoadedModel:
+    """A .pt2 program, unflattened so its module tree takes hooks.
+
+    torch.export.load unpickles some parts of an archive (sample inputs, opaque
+    constants) with full pickle; without ``trust`` those loads are forced to weights-only.
+    """
+    with _torch_export_log() as messages, _weights_only_unpickling(enabled=not trust):
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:
+            raise UsageError(_export_load_error(path, exc, messages, trust)) from None
+    # unflatten keeps the module tree (named_modules), so forward hooks and gradients work.
+    module = torch.export.unflatten(program)
+    shape = _exported_input_shape(program)
+    size = None if shape is None or not all(isinstance(d, int) for d in shape[2:]) else (int(shape[2]), int(shape[3]))
+    preprocessing = default_preprocessing() if size is None else default_preprocessing(size)
+    loaded = LoadedModel(module, str(path), f"torch.export program {path}", preprocessing)
+    if shape is not None and isinstance(shape[0], int):
+        loaded.fixed_batch = int(shape[0])
+        loaded.description += f" (fixed batch size {loaded.fixed_batch})"
+    return loaded
+
+
+def _export_load_error(path: Path, exc: Exception, messages: list[str], trust: bool) -> str:
+    details = "\n".join(messages + [str(exc)])
+    if not zipfile.is_zipfile(path):
+        return f"{path} is not a torch.export .pt2 archive (not a zip file); save one with torch.export.save"
+    if not trust and "Weights only load failed" in details:
+        return (f"{path} holds pickled Python objects and loading them would run code from the file; "
+                "if you trust its source re-run with --trust, else re-export it without custom objects")
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"cannot load {path} as a torch.export program ({type(exc).__name__}: {first})"
+
+
+@contextlib.contextmanager
+def _torch_export_log() -> Iterator[list[str]]:
+    """Collect torch.export's log messages (it logs tracebacks on stderr for broken files) instead of printing them."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f": {record.exc_info[1]}"
+            messages.append(text)
+
+    logger = logging.getLogger("torch.export")
+    handlers, propagate = logger.handlers[:], logger.propagate  # torch's logging setup gives it a handler of its own
+    logger.handlers = [Collect()]
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.handlers = handlers
+        logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def _weights_only_unpickling(enabled: bool) -> Iterator[None]:
+    """Force every torch.load in the block to weights_only=True (torch's own switch; it overrides explicit False)."""
+    names = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {name: os.environ.get(name) for name in names}
+    if enabled:
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # both set is an error in torch.load
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _exported_input_shape(program: Any) -> tuple[Any, ...] | None:
+    """The shape of the program's 4-D image input: ints where fixed, symbols where dynamic."""
+    for node in program.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        spec = next((s for s in program.graph_signature.input_specs if s.arg.name == node.name), None)
+        if spec is None or spec.kind.name != "USER_INPUT":
+            continue
+        value = node.meta.get("val")
+        if value is not None and value.dim() == 4:
+            return tuple(value.shape)
+    return None
+
+
+def _load_pickled_module(path: Path) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UsageError(f"cannot unpickle {path} ({type(exc).__name__}: {exc}); the classes it needs must be importable") from None
+    if not isinstance(obj, nn.Module):
+        raise UsageError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
+    return LoadedModel(obj, str(path), f"pickled {type(obj).__name__} from {path}")
+
+
+def load_callable(spec: str, state_dict: str | Path | None) -> LoadedModel:
+    """``package.module:callable``: import it (also from the current folder), call it, load ``state_dict`` strictly."""
+    module_name, attr = spec.split(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # so `mymodels:build` finds ./mymodels.py, as `python -m` would
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r} for {spec} ({exc}); check the module path") from None
+    except AttributeError:
+        raise UsageError(f"{module_name!r} has no attribute {attr!r}") from None
+    try:
+        module = factory()
+    except Exception as exc:
+        raise UsageError(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise UsageError(f"{spec}() returned {type(module).__name__}, not an nn.Module")
+    description = f"{type(module).__name__} from {spec}"
+    if state_dict is not None:
+        try:
+            state = unwrap_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError:
+            raise UsageError(f"--state-dict {state_dict} holds pickled code, not a state_dict of tensors") from None
+        except FileNotFoundError:
+            raise UsageError(f"--state-dict file not found: {state_dict}") from None
+        if state is None:
+            raise UsageError(f"--state-dict {state_dict} is not a state_dict of tensors")
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise UsageError(f"--state-dict {state_dict} does not fit {spec} ({str(exc).splitlines()[0]})") from None
+        description += f" with weights from {state_dict}"
+    return LoadedModel(module, spec, description)
