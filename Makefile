@@ -10,7 +10,7 @@ DEMO_OUT := out/demo
 # A folder of photos (its hidden .readme/ holds the README's pictures; folder runs skip hidden entries).
 SAMPLES := sample_images
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench lint
 
 install: $(INSTALLED)
 
@@ -41,7 +41,13 @@ browser:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	} || echo "warning: could not install chromium with apt-get; the gallery's browser test will be skipped" >&2
 
-test: $(INSTALLED) browser
+# Lint, format and types first: a style or type error fails CI like a failing test.
+lint: $(INSTALLED)
+	$(BIN)/ruff check hookviz tests benchmarks
+	$(BIN)/ruff format --check hookviz tests benchmarks
+	$(BIN)/mypy
+
+test: $(INSTALLED) browser lint
 	$(BIN)/python -m pytest -q
 
 # Side-by-side benchmark against pytorch-grad-cam, torchcam and Captum: writes benchmarks/RESULTS.md.

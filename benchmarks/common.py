@@ -9,9 +9,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -43,8 +44,12 @@ class Series:
         return min(self.seconds) if self.seconds else float("nan")
 
     def as_json(self) -> dict[str, Any]:
-        return {"median": self.median, "min": self.minimum, "seconds": self.seconds,
-                "extra": [e for e in self.extra if e is not None] or None}
+        return {
+            "median": self.median,
+            "min": self.minimum,
+            "seconds": self.seconds,
+            "extra": [e for e in self.extra if e is not None] or None,
+        }
 
 
 class Timed:
@@ -54,10 +59,12 @@ class Timed:
         self.seconds, self.extra = seconds, extra
 
 
-def interleaved(cases: dict[str, Callable[[], Any]], reps: int, *, warmup: int = 1, label: str = "") -> dict[str, Series]:
+def interleaved(
+    cases: dict[str, Callable[[], Any]], reps: int, *, warmup: int = 1, label: str = ""
+) -> dict[str, Series]:
     """Run every case ``warmup`` times untimed, then ``reps`` rounds of A, B, C, ... (one repetition each per round)."""
     for _ in range(warmup):
-        for name, case in cases.items():
+        for case in cases.values():
             case()
     results = {name: Series() for name in cases}
     for rep in range(reps):
@@ -75,8 +82,9 @@ def interleaved(cases: dict[str, Callable[[], Any]], reps: int, *, warmup: int =
     return results
 
 
-def run_timed(argv: list[str], *, env: dict[str, str] | None = None, check: bool = True,
-              cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
+def run_timed(
+    argv: list[str], *, env: dict[str, str] | None = None, check: bool = True, cwd: Path | None = None
+) -> tuple[float, subprocess.CompletedProcess]:
     """Wall time of a subprocess from spawn to exit, with stdout and stderr captured."""
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)

@@ -41,17 +41,17 @@ def main() -> None:
 
     with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
         for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start:start + args.batch_size]
+            chunk = paths[start : start + args.batch_size]
             images = []
             for path in chunk:
                 with Image.open(path) as opened:
                     images.append(ImageOps.exif_transpose(opened).convert("RGB"))
-            batch = torch.stack([
-                TF.normalize(TF.to_tensor(image.resize((224, 224), Image.BILINEAR)), MEAN, STD) for image in images
-            ])
+            batch = torch.stack(
+                [TF.normalize(TF.to_tensor(image.resize((224, 224), Image.BILINEAR)), MEAN, STD) for image in images]
+            )
             maps = cam(input_tensor=batch, targets=None)  # None: each image's top-1 class
             classes = cam.outputs.argmax(dim=1).tolist()
-            for path, image, heat, class_index in zip(chunk, images, maps, classes):
+            for path, image, heat, class_index in zip(chunk, images, maps, classes, strict=True):
                 rgb = np.asarray(image, dtype=np.float32) / 255
                 heat = cv2.resize(heat, image.size, interpolation=cv2.INTER_LINEAR)
                 picture = show_cam_on_image(rgb, heat, use_rgb=True)

@@ -5,13 +5,12 @@ When a hookviz signature changes, fix it here only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
-from torch import nn
-
 from common import HOOKVIZ
+from torch import nn
 
 from hookviz import fmaps as _fmaps
 from hookviz import jobs as _jobs
@@ -22,15 +21,34 @@ from hookviz.layers import conv_layer_names
 from hookviz.models import load_model
 from hookviz.output import PNG_COMPRESS_LEVEL
 
-__all__ = ["PNG_COMPRESS_LEVEL", "cam_maps", "load_torchvision", "prepare", "conv_layers", "write_fmaps",
-           "fmap_grids", "cli_gradcam", "cli_layers", "cli_help"]
+__all__ = [
+    "PNG_COMPRESS_LEVEL",
+    "cam_maps",
+    "load_torchvision",
+    "prepare",
+    "conv_layers",
+    "write_fmaps",
+    "fmap_grids",
+    "cli_gradcam",
+    "cli_layers",
+    "cli_help",
+]
 
 
-def cam_maps(model: nn.Module, batch: torch.Tensor, *, layer: str = "layer4", method: str = "gradcam",
-             classes: Sequence[int] | None = None, top_k: int = 1, score_batch_size: int = 32) -> torch.Tensor:
+def cam_maps(
+    model: nn.Module,
+    batch: torch.Tensor,
+    *,
+    layer: str = "layer4",
+    method: str = "gradcam",
+    classes: Sequence[int] | None = None,
+    top_k: int = 1,
+    score_batch_size: int = 32,
+) -> torch.Tensor:
     """hookviz's CAMs of a batch: (B, K, h, w)."""
-    return compute_cams(model, batch, layer=layer, method=method, classes=classes, top_k=top_k,
-                        score_batch_size=score_batch_size).maps
+    return compute_cams(
+        model, batch, layer=layer, method=method, classes=classes, top_k=top_k, score_batch_size=score_batch_size
+    ).maps
 
 
 def load_torchvision(name: str):

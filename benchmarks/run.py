@@ -50,9 +50,12 @@ def version(package: str) -> str:
 
 def git_state() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hookviz"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "hookviz"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return f"{commit}{' (hookviz/ has uncommitted changes)' if dirty else ''}"
     except OSError:
         return "unknown"
@@ -98,7 +101,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5, help="repetitions of the fast cases (default 5)")
     parser.add_argument("--heavy-reps", type=int, default=3, help="repetitions of the slow cases (default 3)")
-    parser.add_argument("--scorecam-reps", type=int, default=2, help="repetitions of each Score-CAM subprocess (default 2)")
+    parser.add_argument(
+        "--scorecam-reps", type=int, default=2, help="repetitions of each Score-CAM subprocess (default 2)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, smaller sizes")
     parser.add_argument("--only", help=f"comma-separated subset of: {','.join(TASKS)}")
     parser.add_argument("--out", type=Path, help="Markdown output (default benchmarks/RESULTS.md, or RESULTS.quick.md)")
@@ -120,8 +125,14 @@ def main() -> int:
     out_json = out_md.with_name(f"results{suffix}.json") if not args.out else out_md.with_suffix(".json")
 
     started = time.perf_counter()
-    meta = {"quick": args.quick, "reps": args.reps, "heavy_reps": args.heavy_reps, "scorecam_reps": args.scorecam_reps,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info()}
+    meta = {
+        "quick": args.quick,
+        "reps": args.reps,
+        "heavy_reps": args.heavy_reps,
+        "scorecam_reps": args.scorecam_reps,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+    }
     meta["machine"]["load average at start"] = load_average()
     results: dict = {"meta": meta}
 
@@ -132,11 +143,25 @@ def main() -> int:
         e2e_count, rss_count = (8, 40) if args.quick else (64, 300)
         log(f"generating {rss_count} JPEGs in {tmp}")
         photos = make_photos(tmp / "photos", max(e2e_count, rss_count))
-        ctx = Context(reps=args.reps, heavy_reps=args.heavy_reps, scorecam_reps=args.scorecam_reps, quick=args.quick,
-                      tmp=tmp, photos=photos, e2e_count=e2e_count, rss_count=rss_count)
-        runners = {"gradcam": gradcam_speed.run, "scorecam": scorecam_memory.run, "fmaps": fmaps_png.run,
-                   "e2e": cli_end_to_end.run_e2e, "startup": startup.run, "rss": cli_end_to_end.run_rss,
-                   "malloc": malloc_env.run}
+        ctx = Context(
+            reps=args.reps,
+            heavy_reps=args.heavy_reps,
+            scorecam_reps=args.scorecam_reps,
+            quick=args.quick,
+            tmp=tmp,
+            photos=photos,
+            e2e_count=e2e_count,
+            rss_count=rss_count,
+        )
+        runners = {
+            "gradcam": gradcam_speed.run,
+            "scorecam": scorecam_memory.run,
+            "fmaps": fmaps_png.run,
+            "e2e": cli_end_to_end.run_e2e,
+            "startup": startup.run,
+            "rss": cli_end_to_end.run_rss,
+            "malloc": malloc_env.run,
+        }
         for name in TASKS:
             if name not in chosen:
                 continue
@@ -145,7 +170,9 @@ def main() -> int:
                 results[name] = runners[name](ctx)
             except Exception as exc:  # one broken tool or hookviz option must not lose the other results
                 traceback.print_exc()
-                results[name] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+                results[name] = {
+                    "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                }
             log(f"{name}: done in {time.perf_counter() - task_started:.0f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Subprocess entry points (each run is a fresh process): prints one JSON object on stdout.
 
-  workers.py scorecam TOOL SIZE     Score-CAM of one image: time and peak RSS above the baseline
-  workers.py forward BATCH ITERS    resnet50 inference_mode forwards (for the malloc settings comparison)
-  workers.py pt2 PATH               import torch, load a .pt2, one forward (the floor of a one-image CLI run)
+workers.py scorecam TOOL SIZE     Score-CAM of one image: time and peak RSS above the baseline
+workers.py forward BATCH ITERS    resnet50 inference_mode forwards (for the malloc settings comparison)
+workers.py pt2 PATH               import torch, load a .pt2, one forward (the floor of a one-image CLI run)
 """
 
 from __future__ import annotations
@@ -74,9 +74,15 @@ def scorecam(tool: str, size: int) -> dict:
     seconds = time.perf_counter() - started
     status = proc_status()
     peak = status["VmHWM"] if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"tool": tool, "seconds": seconds, "rss_before": before, "peak": peak, "peak_delta": peak - before,
-            "method": "VmHWM after resetting it via /proc/self/clear_refs" if reset else "ru_maxrss",
-            "maxrss_before": maxrss_before}
+    return {
+        "tool": tool,
+        "seconds": seconds,
+        "rss_before": before,
+        "peak": peak,
+        "peak_delta": peak - before,
+        "method": "VmHWM after resetting it via /proc/self/clear_refs" if reset else "ru_maxrss",
+        "maxrss_before": maxrss_before,
+    }
 
 
 def forward(batch: int, iters: int) -> dict:

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .errors import UsageError
 from .manifest import Manifest, jsonable, options_key, versions
 from .models import LoadedModel
 from .output import TEMPORARY_SUFFIX, output_stems, prepare_output_dir
 from .pipeline import Job, Record, Timings, run_job
+
 
 def default_batch_size(device: Any) -> int:
     """A batch size that keeps a CPU busy without swapping, and an accelerator fed."""
@@ -85,7 +87,7 @@ class BatchRun:
     inputs: list[Path]  # this shard's inputs, in order
     skipped: dict[str, dict[str, Any]]  # input -> the manifest record that makes it done
     header: dict[str, Any]
-    records: Iterator[Record]
+    records: Generator[Record, None, None]
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -109,31 +111,63 @@ def plan_batch(paths: Sequence[Path], loaded: LoadedModel, job: Job, options: Ba
     _remove_temporaries(inputs, stems, out_dir)
     batch_size = options.batch_size or default_batch_size(loaded.device)
     header = {
-        "type": "run", "run": uuid.uuid4().hex[:12], "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **versions(), "command": job.command, "model": loaded.spec, "model_description": loaded.description,
-        "device": str(loaded.device), "preprocessing": jsonable(loaded.preprocessing), "crop": options.crop,
-        "settings": job.settings(), "key": key, "batch_size": batch_size, "workers": options.workers,
-        "shard": "/".join(map(str, options.shard)) if options.shard else None, "inputs": len(inputs),
-        "skipped": len(inputs) - len(to_run), "argv": options.argv,
+        "type": "run",
+        "run": uuid.uuid4().hex[:12],
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **versions(),
+        "command": job.command,
+        "model": loaded.spec,
+        "model_description": loaded.description,
+        "device": str(loaded.device),
+        "preprocessing": jsonable(loaded.preprocessing),
+        "crop": options.crop,
+        "settings": job.settings(),
+        "key": key,
+        "batch_size": batch_size,
+        "workers": options.workers,
+        "shard": "/".join(map(str, options.shard)) if options.shard else None,
+        "inputs": len(inputs),
+        "skipped": len(inputs) - len(to_run),
+        "argv": options.argv,
     }
     manifest.append(header)
     timings = Timings()
-    computed = run_job([(path, stems[path]) for path in to_run], loaded, job, crop=options.crop,
-                       batch_size=batch_size, workers=options.workers, max_pixels=options.max_pixels, timings=timings)
+    computed = run_job(
+        [(path, stems[path]) for path in to_run],
+        loaded,
+        job,
+        crop=options.crop,
+        batch_size=batch_size,
+        workers=options.workers,
+        max_pixels=options.max_pixels,
+        timings=timings,
+    )
     records = _in_input_order(inputs, skipped, computed, manifest, header["run"])
     return BatchRun(inputs=inputs, skipped=skipped, header=header, records=records, timings=timings)
 
 
-def _in_input_order(inputs: list[Path], skipped: dict[str, dict[str, Any]], computed: Iterator[Record],
-                    manifest: Manifest, run: str) -> Iterator[Record]:
+def _in_input_order(
+    inputs: list[Path],
+    skipped: dict[str, dict[str, Any]],
+    computed: Generator[Record, None, None],
+    manifest: Manifest,
+    run: str,
+) -> Generator[Record, None, None]:
     """Skipped inputs' records where they belong among the computed ones; each appended to the manifest."""
     try:
         for path in inputs:
             earlier = skipped.get(str(path))
             if earlier is not None:
-                record = Record(input=str(path), status="skipped", outputs=earlier.get("outputs", []),
-                                extra={key: value for key, value in earlier.items()
-                                       if key not in ("type", "run", "input", "status", "error", "outputs")})
+                record = Record(
+                    input=str(path),
+                    status="skipped",
+                    outputs=earlier.get("outputs", []),
+                    extra={
+                        key: value
+                        for key, value in earlier.items()
+                        if key not in ("type", "run", "input", "status", "error", "outputs")
+                    },
+                )
             else:
                 record = next(computed)
             manifest.append({"type": "input", "run": run, **record.as_json()})
@@ -152,7 +186,7 @@ def _remove_temporaries(paths: Sequence[Path], stems: dict[Path, str], out_dir: 
 
 
 def _refuse_overwrite(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path, patterns: list[str]) -> None:
-    clashes = []
+    clashes: list[Path] = []
     for path in paths:
         folder = out_dir / stems[path]
         if folder.is_dir():
@@ -160,7 +194,7 @@ def _refuse_overwrite(paths: Sequence[Path], stems: dict[Path, str], out_dir: Pa
         if clashes:
             break
     if clashes:
-        raise UsageError(f"{clashes[0]} already exists; pass --overwrite to replace outputs, "
-                         f"or --skip-existing to finish an interrupted run")
-
-
+        raise UsageError(
+            f"{clashes[0]} already exists; pass --overwrite to replace outputs, "
+            f"or --skip-existing to finish an interrupted run"
+        )

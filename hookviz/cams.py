@@ -12,8 +12,8 @@ cost one forward pass and one batched backward (``is_grads_batched``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,12 +138,13 @@ def batched_gradients(scores: torch.Tensor, activation: torch.Tensor) -> torch.T
     selectors = torch.eye(k, device=scores.device, dtype=scores.dtype)[:, None, :].expand(k, batch, k)
     try:
         # retain_graph: if vmap fails part-way, the per-class fallback below still needs the graph.
-        (gradient,) = torch.autograd.grad(scores, activation, grad_outputs=selectors, is_grads_batched=True,
-                                          retain_graph=True)
+        (gradient,) = torch.autograd.grad(
+            scores, activation, grad_outputs=selectors, is_grads_batched=True, retain_graph=True
+        )
     except RuntimeError:  # an op without a batching rule: one backward pass per class instead
-        gradient = torch.stack([
-            torch.autograd.grad(scores[:, j].sum(), activation, retain_graph=j < k - 1)[0] for j in range(k)
-        ])
+        gradient = torch.stack(
+            [torch.autograd.grad(scores[:, j].sum(), activation, retain_graph=j < k - 1)[0] for j in range(k)]
+        )
     return gradient.transpose(0, 1)
 
 
@@ -178,8 +179,17 @@ def compute_cams(
             raise UsageError(f"the model's output has shape {tuple(logits.shape)}, not (N, classes); use --output KEY")
         output, layout = spatial_output(activations, layer, (batch.shape[-2], batch.shape[-1]))
         if needs_grad and not output.requires_grad:  # it ran fewer times than layer_calls said: start over
-            return compute_cams(model, batch, layer=layer, method=method, classes=classes, top_k=top_k,
-                                output_key=output_key, score_batch_size=score_batch_size, fixed_batch=fixed_batch)
+            return compute_cams(
+                model,
+                batch,
+                layer=layer,
+                method=method,
+                classes=classes,
+                top_k=top_k,
+                output_key=output_key,
+                score_batch_size=score_batch_size,
+                fixed_batch=fixed_batch,
+            )
         activation = to_spatial(output.detach(), layout)  # tokens and channels-last outputs as (B, C, h, w)
         chosen = choose_classes(logits.detach(), classes, top_k)
         if needs_grad:
@@ -192,10 +202,17 @@ def compute_cams(
             maps = class_activation_map(activation, _linear_head(model, activation, logits.detach(), layer), chosen)
     if method == "scorecam":  # its many masked forward passes run without the capture hook
         with preserved_state(model):
-            maps = score_cam(model, batch, activation, chosen, output_key, fixed_batch or score_batch_size,
-                             pad_to=fixed_batch)
-    return CamBatch(maps=maps.detach(), classes=chosen, probabilities=logits.detach().softmax(dim=1), layer=layer,
-                    method=method, layer_calls=activations.calls.get(layer, 1))
+            maps = score_cam(
+                model, batch, activation, chosen, output_key, fixed_batch or score_batch_size, pad_to=fixed_batch
+            )
+    return CamBatch(
+        maps=maps.detach(),
+        classes=chosen,
+        probabilities=logits.detach().softmax(dim=1),
+        layer=layer,
+        method=method,
+        layer_calls=activations.calls.get(layer, 1),
+    )
 
 
 def _linear_head(model: nn.Module, activation: torch.Tensor, logits: torch.Tensor, layer: str) -> torch.Tensor:
@@ -225,8 +242,15 @@ def _score_masks(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return torch.where((span > 0)[:, None, None], masks, torch.zeros_like(masks))
 
 
-def score_cam(model: nn.Module, batch: torch.Tensor, activation: torch.Tensor, classes: torch.Tensor,
-              output_key: str | None, chunk_size: int, pad_to: int | None = None) -> torch.Tensor:
+def score_cam(
+    model: nn.Module,
+    batch: torch.Tensor,
+    activation: torch.Tensor,
+    classes: torch.Tensor,
+    output_key: str | None,
+    chunk_size: int,
+    pad_to: int | None = None,
+) -> torch.Tensor:
     """Score-CAM (Wang et al.): each channel, upsampled and scaled to [0, 1], masks the input;
     the channel's weight is the class probability of the masked input.
 
@@ -240,8 +264,10 @@ def score_cam(model: nn.Module, batch: torch.Tensor, activation: torch.Tensor, c
         for b in range(batch_size):
             probabilities = []
             for start in range(0, channels, chunk_size):
-                masks = _score_masks(activation[b:b + 1, start:start + chunk_size], tuple(batch.shape[-2:]))
-                masked = batch[b:b + 1] * masks[:, None]
+                masks = _score_masks(
+                    activation[b : b + 1, start : start + chunk_size], (batch.shape[-2], batch.shape[-1])
+                )
+                masked = batch[b : b + 1] * masks[:, None]
                 count = masked.shape[0]
                 if pad_to is not None and count < pad_to:
                     masked = torch.cat([masked, masked[-1:].expand(pad_to - count, *masked.shape[1:])])

@@ -22,7 +22,9 @@ def export_efficientnet_lite0(path: Path) -> Path:
     from efficientnet_lite_pytorch import EfficientNet
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
     # No set_swish() here: Lite models use ReLU6, and set_swish would replace it with Swish,
     # which wrecks the pretrained predictions (a cat becomes a "tape player").
     model.eval()

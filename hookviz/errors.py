@@ -7,7 +7,7 @@ the fix; the CLI prints the message (never a traceback) and exits with the code.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class HookvizError(Exception):
@@ -37,8 +37,9 @@ def close_matches(word: str, choices: Iterable[str], *, cutoff: float = 0.6, fol
     return [folded[match] for match in difflib.get_close_matches(word.lower(), list(folded), n=3, cutoff=cutoff)]
 
 
-def did_you_mean(word: str, choices: Iterable[str], *, cutoff: float = 0.6, fold_case: bool = False,
-                 quote: bool = False) -> str:
+def did_you_mean(
+    word: str, choices: Iterable[str], *, cutoff: float = 0.6, fold_case: bool = False, quote: bool = False
+) -> str:
     """``"; did you mean a, b?"`` for the close matches of ``word`` (``repr``-quoted with ``quote``), or ``""``."""
     matches = close_matches(word, choices, cutoff=cutoff, fold_case=fold_case)
     if not matches:

@@ -46,8 +46,9 @@ def selected_channels(activation: torch.Tensor, max_channels: int) -> tuple[torc
     return activation.detach().gather(1, index).float().cpu(), channels
 
 
-def feature_grid(activation: torch.Tensor, *, max_channels: int = 64, cmap: str = "viridis",
-                 label_channels: bool = True) -> FeatureGrid:
+def feature_grid(
+    activation: torch.Tensor, *, max_channels: int = 64, cmap: str = "viridis", label_channels: bool = True
+) -> FeatureGrid:
     """A near-square grid of the channels of one layer output ``activation`` (C, h, w).
 
     Each tile is scaled to its own [0, 1] range, so weak channels are still visible.
@@ -58,8 +59,9 @@ def feature_grid(activation: torch.Tensor, *, max_channels: int = 64, cmap: str 
     return channel_grid(maps[0], channels[0].tolist(), activation.shape[0], cmap=cmap, label_channels=label_channels)
 
 
-def channel_grid(maps: torch.Tensor, channels: list[int], total_channels: int, *, cmap: str = "viridis",
-                 label_channels: bool = True) -> FeatureGrid:
+def channel_grid(
+    maps: torch.Tensor, channels: list[int], total_channels: int, *, cmap: str = "viridis", label_channels: bool = True
+) -> FeatureGrid:
     """The grid of already selected channel ``maps`` (k, h, w), labelled with their ``channels`` indices."""
     from torchvision.utils import make_grid
 

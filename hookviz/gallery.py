@@ -13,10 +13,11 @@ across all runs, so a resumed or sharded run shows every input once.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 from urllib.parse import quote
 
 from PIL import Image
@@ -31,8 +32,9 @@ FALLBACK_SIZE = (256, 256)  # width/height attributes when a file cannot be read
 MAX_PREDICTIONS = 3
 
 
-def write_gallery(out_dir: Path, records: Iterable[Mapping[str, Any]], header: Mapping[str, Any] | None = None,
-                  title: str = "hookviz") -> Path:
+def write_gallery(
+    out_dir: Path, records: Iterable[Mapping[str, Any]], header: Mapping[str, Any] | None = None, title: str = "hookviz"
+) -> Path:
     """Write ``out_dir/index.html`` (atomically) for ``records`` (``Record.as_json()`` dicts) and return its path.
 
     ``header`` is a manifest run header (model, command, settings, started, ...); it fills the summary.
@@ -84,8 +86,12 @@ def _merged(by_key: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     """The most recent record, showing the outputs of every kind of run that succeeded on the input."""
     records = list(by_key.values())
     merged = dict(records[-1])
-    merged["outputs"] = [output for record in records if record.get("status") in ("ok", "skipped")
-                         for output in record.get("outputs", [])]
+    merged["outputs"] = [
+        output
+        for record in records
+        if record.get("status") in ("ok", "skipped")
+        for output in record.get("outputs", [])
+    ]
     if not merged.get("predictions"):
         merged["predictions"] = next((r["predictions"] for r in reversed(records) if r.get("predictions")), None)
     return merged
@@ -140,7 +146,8 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _summary(records: list[Mapping[str, Any]], header: Mapping[str, Any], title: str) -> str:
-    settings = header.get("settings") if isinstance(header.get("settings"), Mapping) else {}
+    found = header.get("settings")
+    settings: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     facts: list[tuple[str, Any]] = [
         ("model", header.get("model")),
         ("command", header.get("command")),
@@ -153,19 +160,30 @@ def _summary(records: list[Mapping[str, Any]], header: Mapping[str, Any], title:
         ("started", _date(header.get("started"))),
         ("hookviz", header.get("hookviz")),
     ]
-    facts_html = "".join(f"<div><dt>{escape(name)}</dt><dd>{escape(str(value))}</dd></div>"
-                         for name, value in facts if value not in (None, "", []))
-    counts = {status: sum(1 for record in records if record.get("status") == status) for status in ("ok", "error", "skipped")}
+    facts_html = "".join(
+        f"<div><dt>{escape(name)}</dt><dd>{escape(str(value))}</dd></div>"
+        for name, value in facts
+        if value not in (None, "", [])
+    )
+    counts = {
+        status: sum(1 for record in records if record.get("status") == status) for status in ("ok", "error", "skipped")
+    }
     other = len(records) - sum(counts.values())
     count_html = "".join(
         f'<span class="count {status}"><b>{number}</b> {label}</span>'
-        for status, number, label in (("total", len(records), "inputs"), ("ok", counts["ok"], "ok"),
-                                      ("error", counts["error"], "failed"), ("skipped", counts["skipped"], "skipped"),
-                                      ("other", other, "other"))
+        for status, number, label in (
+            ("total", len(records), "inputs"),
+            ("ok", counts["ok"], "ok"),
+            ("error", counts["error"], "failed"),
+            ("skipped", counts["skipped"], "skipped"),
+            ("other", other, "other"),
+        )
         if number or status in ("total", "ok", "error")
     )
-    return (f'<header class="top"><h1>{escape(title)}</h1><p class="counts">{count_html}</p>'
-            f'<dl class="facts">{facts_html}</dl></header>')
+    return (
+        f'<header class="top"><h1>{escape(title)}</h1><p class="counts">{count_html}</p>'
+        f'<dl class="facts">{facts_html}</dl></header>'
+    )
 
 
 def _date(value: Any) -> str | None:
@@ -183,16 +201,18 @@ def _failures(records: list[Mapping[str, Any]]) -> str:
     failed = [(number, record) for number, record in enumerate(records) if record.get("status") == "error"]
     if not failed:
         return ""
-    items = "".join(f'<li><a href="#input-{number}">{escape(str(record.get("input")))}</a>'
-                    f'<span class="message">{escape(_error(record))}</span></li>'
-                    for number, record in failed)
+    items = "".join(
+        f'<li><a href="#input-{number}">{escape(str(record.get("input")))}</a>'
+        f'<span class="message">{escape(_error(record))}</span></li>'
+        for number, record in failed
+    )
     return f'<section class="failures"><h2>Failed inputs ({len(failed)})</h2><ul>{items}</ul></section>'
 
 
 def _error(record: Mapping[str, Any]) -> str:
     """The error message, without the input path it starts with (the card and the list show that already)."""
     message, prefix = str(record.get("error") or "failed"), f"{record.get('input')}: "
-    return message[len(prefix):] if message.startswith(prefix) and len(message) > len(prefix) else message
+    return message[len(prefix) :] if message.startswith(prefix) and len(message) > len(prefix) else message
 
 
 def _card(number: int, record: Mapping[str, Any], links: _Links) -> str:
@@ -201,10 +221,12 @@ def _card(number: int, record: Mapping[str, Any], links: _Links) -> str:
     status_class = status if status in ("ok", "error", "skipped") else "other"
     href, local = links.file(recorded)
     name = Path(recorded).name or recorded
-    parts = [f'<article class="card {status_class}" id="input-{number}">',
-             f'<header><h2><a href="{escape(href)}" title="{escape(recorded)}">{escape(name)}</a></h2>'
-             f'<span class="badge {status_class}">{escape(status)}</span></header>',
-             f'<p class="path">{escape(recorded)}</p>']
+    parts = [
+        f'<article class="card {status_class}" id="input-{number}">',
+        f'<header><h2><a href="{escape(href)}" title="{escape(recorded)}">{escape(name)}</a></h2>'
+        f'<span class="badge {status_class}">{escape(status)}</span></header>',
+        f'<p class="path">{escape(recorded)}</p>',
+    ]
     if record.get("error") or status == "error":
         parts.append(f'<p class="message">{escape(_error(record))}</p>')
     predictions = record.get("predictions")
@@ -213,7 +235,8 @@ def _card(number: int, record: Mapping[str, Any], links: _Links) -> str:
     figures = []
     if status != "error":  # a failed input is often not a picture at all: link it, don't show a broken image
         figures.append(_original(href, local, recorded))
-    outputs = record.get("outputs") if isinstance(record.get("outputs"), list) else []
+    recorded_outputs = record.get("outputs")
+    outputs: list[Any] = recorded_outputs if isinstance(recorded_outputs, list) else []
     figures.extend(_output(output, links) for output in outputs if isinstance(output, Mapping) and output.get("png"))
     if figures:
         parts.append(f'<div class="thumbs">{"".join(figures)}</div>')
@@ -229,17 +252,21 @@ def _predictions(predictions: list[Any]) -> str:
         if not isinstance(prediction, Mapping):
             continue
         label = prediction.get("label", prediction.get("class", "?"))
-        items.append(f'<li><span>{escape(str(label))}</span> <b>{escape(_score(prediction.get("score")))}</b></li>')
+        items.append(f"<li><span>{escape(str(label))}</span> <b>{escape(_score(prediction.get('score')))}</b></li>")
     return f'<ol class="predictions" title="top predictions">{"".join(items)}</ol>' if items else ""
 
 
 def _original(href: str, local: Path, recorded: str) -> str:
     if Path(recorded).suffix.lower() not in BROWSER_IMAGE_TYPES:
-        return (f'<figure class="original"><a class="file" href="{escape(href)}">{escape(Path(recorded).suffix or "file")}'
-                f'</a><figcaption>original</figcaption></figure>')
+        return (
+            f'<figure class="original"><a class="file" href="{escape(href)}">{escape(Path(recorded).suffix or "file")}'
+            f"</a><figcaption>original</figcaption></figure>"
+        )
     width, height = _image_size(local)
-    return (f'<figure class="original"><a href="{escape(href)}">{_img(href, width, height, "original: " + recorded)}</a>'
-            f'<figcaption><b>original</b><small>{width}&times;{height}</small></figcaption></figure>')
+    return (
+        f'<figure class="original"><a href="{escape(href)}">{_img(href, width, height, "original: " + recorded)}</a>'
+        f"<figcaption><b>original</b><small>{width}&times;{height}</small></figcaption></figure>"
+    )
 
 
 def _output(output: Mapping[str, Any], links: _Links) -> str:
@@ -247,7 +274,11 @@ def _output(output: Mapping[str, Any], links: _Links) -> str:
     width, height = _image_size(local)
     label, score, layer = output.get("label"), output.get("score"), output.get("layer")
     method = output.get("method") or output.get("kind")
-    headline = str(label) if label is not None else str(layer if layer is not None else method or Path(str(output["png"])).stem)
+    headline = (
+        str(label)
+        if label is not None
+        else str(layer if layer is not None else method or Path(str(output["png"])).stem)
+    )
     details = [str(method)] if method and (label is not None or layer is not None) else []
     if layer is not None and (label is not None or method):
         details.append(f"@ {layer}")
@@ -260,14 +291,18 @@ def _output(output: Mapping[str, Any], links: _Links) -> str:
         raw_href, _ = links.output(str(output["raw"]))
         raw = f' <a class="raw" href="{escape(raw_href)}" title="raw values (NumPy .npy)">.npy</a>'
     score_html = f" <b>{escape(_score(score))}</b>" if score is not None else ""
-    return (f'<figure><a href="{escape(href)}" title="{escape(described)}">{_img(href, width, height, described)}</a>'
-            f'<figcaption><span class="label">{escape(headline)}</span>{score_html}'
-            f'<small>{escape(detail_text)}{raw}</small></figcaption></figure>')
+    return (
+        f'<figure><a href="{escape(href)}" title="{escape(described)}">{_img(href, width, height, described)}</a>'
+        f'<figcaption><span class="label">{escape(headline)}</span>{score_html}'
+        f"<small>{escape(detail_text)}{raw}</small></figcaption></figure>"
+    )
 
 
 def _img(href: str, width: int, height: int, alt: str) -> str:
-    return (f'<img src="{escape(href)}" alt="{escape(alt)}" loading="lazy" decoding="async" '
-            f'width="{width}" height="{height}">')
+    return (
+        f'<img src="{escape(href)}" alt="{escape(alt)}" loading="lazy" decoding="async" '
+        f'width="{width}" height="{height}">'
+    )
 
 
 def _score(score: Any) -> str:

@@ -8,8 +8,9 @@ call: the model itself is never changed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,15 +50,23 @@ def _guided_hook(module: nn.Module, inputs: Any, output: Any) -> Any:
     return _PositiveGradientsOnly.apply(output) if isinstance(output, torch.Tensor) else None
 
 
-def guided_backprop(model: nn.Module, batch: torch.Tensor, classes: torch.Tensor | None = None,
-                    *, top_k: int = 1, output_key: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def guided_backprop(
+    model: nn.Module,
+    batch: torch.Tensor,
+    classes: torch.Tensor | None = None,
+    *,
+    top_k: int = 1,
+    output_key: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Guided-backprop gradients of each image's class scores w.r.t. the input.
 
     Returns (gradients (B, K, 3, H, W), classes (B, K), probabilities (B, num_classes)).
     """
     relus = [module for module in model.modules() if is_relu_module(module)]
     if not relus:
-        raise UsageError("guided backpropagation needs ReLU modules (nn.ReLU/ReLU6) and this model has none; use gradcam")
+        raise UsageError(
+            "guided backpropagation needs ReLU modules (nn.ReLU/ReLU6) and this model has none; use gradcam"
+        )
     with torch.inference_mode(False), preserved_state(model), torch.enable_grad(), hook_handles() as handles:
         handles.extend(module.register_forward_hook(_guided_hook) for module in relus)
         inputs = batch.detach().clone().requires_grad_(True)
@@ -82,15 +91,29 @@ class GuidedBatch:
     probabilities: torch.Tensor
 
 
-def compute_guided(model: nn.Module, batch: torch.Tensor, *, layer: str, classes: Sequence[int] | None = None,
-                   top_k: int = 1, output_key: str | None = None) -> GuidedBatch:
+def compute_guided(
+    model: nn.Module,
+    batch: torch.Tensor,
+    *,
+    layer: str,
+    classes: Sequence[int] | None = None,
+    top_k: int = 1,
+    output_key: str | None = None,
+) -> GuidedBatch:
     """Guided backprop and guided Grad-CAM for the same classes."""
-    cams = compute_cams(model, batch, layer=layer, method="gradcam", classes=classes, top_k=top_k, output_key=output_key)
+    cams = compute_cams(
+        model, batch, layer=layer, method="gradcam", classes=classes, top_k=top_k, output_key=output_key
+    )
     guided, chosen, probabilities = guided_backprop(model, batch, cams.classes, output_key=output_key)
     from .render import normalize_map, resize_map
 
     maps = normalize_map(cams.maps)
-    upsampled = torch.stack([
-        torch.stack([resize_map(maps[b, k], tuple(batch.shape[-2:])) for k in range(maps.shape[1])]) for b in range(maps.shape[0])
-    ])
-    return GuidedBatch(guided=guided, guided_gradcam=guided * upsampled[:, :, None], classes=chosen, probabilities=probabilities)
+    upsampled = torch.stack(
+        [
+            torch.stack([resize_map(maps[b, k], (batch.shape[-2], batch.shape[-1])) for k in range(maps.shape[1])])
+            for b in range(maps.shape[0])
+        ]
+    )
+    return GuidedBatch(
+        guided=guided, guided_gradcam=guided * upsampled[:, :, None], classes=chosen, probabilities=probabilities
+    )

@@ -18,8 +18,9 @@ Three things other tools get wrong, handled here:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,9 +56,9 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Modul
 def hook_handles() -> Iterator[list[RemovableHandle]]:
     """A list to put hook handles in; every handle in it is removed when the block ends, however it ends.
 
-        with hook_handles() as handles:
-            handles.append(module.register_forward_hook(hook))
-            model(batch)
+    with hook_handles() as handles:
+        handles.append(module.register_forward_hook(hook))
+        model(batch)
     """
     handles: list[RemovableHandle] = []
     try:
@@ -86,8 +87,14 @@ def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[str], *, grad: bool = False, eval_mode: bool = True,
-            leaf_calls: Mapping[str, int] | None = None) -> Iterator[Activations]:
+def capture(
+    model: nn.Module,
+    layers: Sequence[str],
+    *,
+    grad: bool = False,
+    eval_mode: bool = True,
+    leaf_calls: Mapping[str, int] | None = None,
+) -> Iterator[Activations]:
     """Record the outputs of ``layers`` during the forward passes run inside the block.
 
     With ``grad=True``, captured tensors can be differentiated against

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import TextIO
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -90,8 +91,10 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path}: image has more than {limit:,} pixels, a possible decompression bomb; "
-                         f"if you trust it, raise the limit with --max-pixels") from None
+        raise InputError(
+            f"{path}: image has more than {limit:,} pixels, a possible decompression bomb; "
+            f"if you trust it, raise the limit with --max-pixels"
+        ) from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not an image hookviz can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data

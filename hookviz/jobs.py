@@ -8,9 +8,10 @@ The methods themselves (fmaps, cams, guided, stats) know nothing of files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,7 +28,6 @@ from .render import draw_caption, heat_in_image, normalize_map, overlay, to_pil
 from .spatial import spatial_output, to_spatial
 from .stats import StatsCollector
 
-
 # --- fmaps -------------------------------------------------------------------------------------------
 
 
@@ -39,7 +39,9 @@ class FmapOptions:
     cmap: str = "viridis"
     save_raw: bool = False
     label_channels: bool = True
-    layers_named: bool = True  # False for the default "every Conv2d": convs that do not run (training-only heads) are skipped
+    layers_named: bool = (
+        True  # False for the default "every Conv2d": convs that do not run (training-only heads) are skipped
+    )
     tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
 
 
@@ -61,8 +63,13 @@ class FmapJob:
 
     def settings(self) -> dict[str, Any]:
         options = self.options
-        return {"layers": options.layers, "max_channels": options.max_channels, "cmap": options.cmap,
-                "save_raw": options.save_raw, "label_channels": options.label_channels}
+        return {
+            "layers": options.layers,
+            "max_channels": options.max_channels,
+            "cmap": options.cmap,
+            "save_raw": options.save_raw,
+            "label_channels": options.label_channels,
+        }
 
     def output_patterns(self) -> list[str]:
         return [f"fmap_{name}.png" for name in layer_file_names(self.options.layers).values()]
@@ -91,22 +98,34 @@ class FmapJob:
         file_names = layer_file_names(options.layers)
         for layer, layer_maps in result.items():
             shape = layer_maps.shape
-            grid = channel_grid(layer_maps.maps[index], layer_maps.channels[index].tolist(), shape[0], cmap=options.cmap,
-                                label_channels=options.label_channels)
+            grid = channel_grid(
+                layer_maps.maps[index],
+                layer_maps.channels[index].tolist(),
+                shape[0],
+                cmap=options.cmap,
+                label_channels=options.label_channels,
+            )
             folder, name = options.out_dir / item.stem, f"fmap_{file_names[layer]}"
             metadata = {
                 "hookviz:layer": layer,
                 "hookviz:shape": "x".join(map(str, shape)),
                 "hookviz:channels": ",".join(map(str, grid.channels)),
-                "hookviz:selection": (f"the {len(grid.channels)} most active of {grid.total_channels} channels (mean |activation|)"
-                                      if grid.is_subset else f"all {grid.total_channels} channels"),
+                "hookviz:selection": (
+                    f"the {len(grid.channels)} most active of {grid.total_channels} channels (mean |activation|)"
+                    if grid.is_subset
+                    else f"all {grid.total_channels} channels"
+                ),
                 "hookviz:input": str(item.path),
             }
-            output = {"kind": "fmap", "layer": layer, "png": str(write_png(grid.image, folder / f"{name}.png", metadata)),
-                      "channels": grid.channels}
+            output = {
+                "kind": "fmap",
+                "layer": layer,
+                "png": str(write_png(grid.image, folder / f"{name}.png", metadata)),
+                "channels": grid.channels,
+            }
             if options.tensorboard is not None:
                 options.tensorboard.add(f"fmaps/{layer}", grid.image, str(item.path))
-            if options.save_raw:
+            if layer_maps.raw is not None:  # --save-raw
                 output["raw"] = str(write_npy(layer_maps.raw[index], folder / f"{name}.npy"))
             record.outputs.append(output)
         return record
@@ -140,22 +159,42 @@ class CamJob:
         self.layer_calls: int | None = None  # learnt from the first batch: see compute_cams
 
     def settings(self) -> dict[str, Any]:
-        return _settings(self.options, method=self.options.method, alpha=self.options.alpha, cmap=self.options.cmap,
-                         save_raw=self.options.save_raw)
+        return _settings(
+            self.options,
+            method=self.options.method,
+            alpha=self.options.alpha,
+            cmap=self.options.cmap,
+            save_raw=self.options.save_raw,
+        )
 
     def output_patterns(self) -> list[str]:
-        return [f"{safe_name(self.options.method)}_{safe_name(self.options.layer)}_c{c}.png" for c in _class_patterns(self.options)]
+        return [
+            f"{safe_name(self.options.method)}_{safe_name(self.options.layer)}_c{c}.png"
+            for c in _class_patterns(self.options)
+        ]
 
     def compute(self, batch: list[PreparedImage]) -> CamBatch:
         options = self.options
         result = compute_cams(
-            self.loaded.module, model_batch(batch, self.loaded), layer=options.layer, method=options.method,
-            classes=options.classes, top_k=options.top_k, output_key=self.loaded.output_key,
-            score_batch_size=options.score_batch_size, layer_calls=self.layer_calls, fixed_batch=self.loaded.fixed_batch,
+            self.loaded.module,
+            model_batch(batch, self.loaded),
+            layer=options.layer,
+            method=options.method,
+            classes=options.classes,
+            top_k=options.top_k,
+            output_key=self.loaded.output_key,
+            score_batch_size=options.score_batch_size,
+            layer_calls=self.layer_calls,
+            fixed_batch=self.loaded.fixed_batch,
         )
         self.layer_calls = result.layer_calls
-        return CamBatch(maps=normalize_map(result.maps.float().cpu()), classes=result.classes.cpu(),
-                        probabilities=result.probabilities.float().cpu(), layer=result.layer, method=result.method)
+        return CamBatch(
+            maps=normalize_map(result.maps.float().cpu()),
+            classes=result.classes.cpu(),
+            probabilities=result.probabilities.float().cpu(),
+            layer=result.layer,
+            method=result.method,
+        )
 
     def write(self, item: PreparedImage, index: int, result: CamBatch) -> Record:
         options = self.options
@@ -166,12 +205,27 @@ class CamJob:
             picture = to_pil(overlay(item.pixels, heat, alpha=options.alpha, cmap=options.cmap, seen=seen))
             draw_caption(picture, f"{label} {probability:.1%} | {options.method} @ {options.layer}")
             name = f"{safe_name(options.method)}_{safe_name(options.layer)}_c{class_index}"
-            output = _write_class_output(picture, options.out_dir / item.stem / f"{name}.png", item, options.method,
-                                         options.layer, class_index, label, probability, kind="cam")
+            output = _write_class_output(
+                picture,
+                options.out_dir / item.stem / f"{name}.png",
+                item,
+                options.method,
+                options.layer,
+                class_index,
+                label,
+                probability,
+                kind="cam",
+            )
             if options.save_raw:
                 output["raw"] = str(write_npy(heat, options.out_dir / item.stem / f"{name}.npy"))
             if options.tensorboard is not None:
-                rank = f"/top{k + 1}" if not options.classes and options.top_k > 1 else f"/c{class_index}" if options.classes else ""
+                rank = (
+                    f"/top{k + 1}"
+                    if not options.classes and options.top_k > 1
+                    else f"/c{class_index}"
+                    if options.classes
+                    else ""
+                )
                 options.tensorboard.add(f"{options.method}/{options.layer}{rank}", picture, str(item.path))
             record.outputs.append(output)
         return record
@@ -190,14 +244,28 @@ class GuidedJob:
 
     def output_patterns(self) -> list[str]:
         layer = safe_name(self.options.layer)
-        return [pattern for c in _class_patterns(self.options) for pattern in (f"guided_c{c}.png", f"guided-gradcam_{layer}_c{c}.png")]
+        return [
+            pattern
+            for c in _class_patterns(self.options)
+            for pattern in (f"guided_c{c}.png", f"guided-gradcam_{layer}_c{c}.png")
+        ]
 
     def compute(self, batch: list[PreparedImage]) -> GuidedBatch:
         options = self.options
-        result = compute_guided(self.loaded.module, model_batch(batch, self.loaded), layer=options.layer,
-                                classes=options.classes, top_k=options.top_k, output_key=self.loaded.output_key)
-        return GuidedBatch(guided=result.guided.float().cpu(), guided_gradcam=result.guided_gradcam.float().cpu(),
-                           classes=result.classes.cpu(), probabilities=result.probabilities.float().cpu())
+        result = compute_guided(
+            self.loaded.module,
+            model_batch(batch, self.loaded),
+            layer=options.layer,
+            classes=options.classes,
+            top_k=options.top_k,
+            output_key=self.loaded.output_key,
+        )
+        return GuidedBatch(
+            guided=result.guided.float().cpu(),
+            guided_gradcam=result.guided_gradcam.float().cpu(),
+            classes=result.classes.cpu(),
+            probabilities=result.probabilities.float().cpu(),
+        )
 
     def write(self, item: PreparedImage, index: int, result: GuidedBatch) -> Record:
         options = self.options
@@ -208,9 +276,24 @@ class GuidedJob:
                 picture = _gradient_picture(gradients[index, k], item)
                 at_layer = "" if method == "guided" else f" @ {options.layer}"
                 draw_caption(picture, f"{label} {probability:.1%} | {method}{at_layer}")
-                name = f"{method}_c{class_index}" if method == "guided" else f"{method}_{safe_name(options.layer)}_c{class_index}"
-                record.outputs.append(_write_class_output(picture, options.out_dir / item.stem / f"{name}.png", item, method,
-                                                          options.layer, class_index, label, probability, kind="guided"))
+                name = (
+                    f"{method}_c{class_index}"
+                    if method == "guided"
+                    else f"{method}_{safe_name(options.layer)}_c{class_index}"
+                )
+                record.outputs.append(
+                    _write_class_output(
+                        picture,
+                        options.out_dir / item.stem / f"{name}.png",
+                        item,
+                        method,
+                        options.layer,
+                        class_index,
+                        label,
+                        probability,
+                        kind="guided",
+                    )
+                )
         return record
 
 
@@ -228,30 +311,53 @@ def _record(loaded: LoadedModel, item: PreparedImage, probabilities: torch.Tenso
     return Record(input=str(item.path), extra={"predictions": _predictions(loaded, probabilities, options.predictions)})
 
 
-def _write_class_output(picture: Image.Image, path: Path, item: PreparedImage, method: str, layer: str, class_index: int,
-                        label: str, probability: float, kind: str) -> dict[str, Any]:
+def _write_class_output(
+    picture: Image.Image,
+    path: Path,
+    item: PreparedImage,
+    method: str,
+    layer: str,
+    class_index: int,
+    label: str,
+    probability: float,
+    kind: str,
+) -> dict[str, Any]:
     """Write one explanation PNG (its metadata says what it shows) and describe it for the record."""
-    metadata = {"hookviz:method": method, "hookviz:layer": layer, "hookviz:class": str(class_index),
-                "hookviz:label": label, "hookviz:probability": f"{probability:.6f}", "hookviz:input": str(item.path)}
-    return {"kind": kind, "method": method, "layer": layer, "class": class_index, "label": label,
-            "score": round(probability, 6), "png": str(write_png(picture, path, metadata))}
+    metadata = {
+        "hookviz:method": method,
+        "hookviz:layer": layer,
+        "hookviz:class": str(class_index),
+        "hookviz:label": label,
+        "hookviz:probability": f"{probability:.6f}",
+        "hookviz:input": str(item.path),
+    }
+    return {
+        "kind": kind,
+        "method": method,
+        "layer": layer,
+        "class": class_index,
+        "label": label,
+        "score": round(probability, 6),
+        "png": str(write_png(picture, path, metadata)),
+    }
 
 
 def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Image:
     """A guided gradient (3, h, w) drawn over the part of the original image the model saw; grey elsewhere."""
     pixels = gradient_image(gradient.float().cpu())
-    channels, seen = [], None
-    for channel in pixels:
-        placed, seen = heat_in_image(channel, item.view.box, item.size)
-        channels.append(placed)
-    picture = torch.stack(channels)
+    placed = [heat_in_image(channel, item.view.box, item.size) for channel in pixels]
+    picture = torch.stack([heat for heat, _ in placed])
+    seen = placed[0][1]  # the same for every channel
     picture = torch.where(seen, picture, torch.full_like(picture, 0.5))
     return to_pil((picture * 255).round().clamp(0, 255).to(torch.uint8))
 
 
 def _predictions(loaded: LoadedModel, probabilities: torch.Tensor, count: int) -> list[dict]:
     top = probabilities.topk(min(count, probabilities.shape[0]))
-    return [{"class": int(c), "label": loaded.label(int(c)), "score": round(float(p), 6)} for p, c in zip(top.values, top.indices)]
+    return [
+        {"class": int(c), "label": loaded.label(int(c)), "score": round(float(p), 6)}
+        for p, c in zip(top.values, top.indices, strict=True)
+    ]
 
 
 # --- stats -------------------------------------------------------------------------------------------

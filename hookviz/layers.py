@@ -101,13 +101,23 @@ def layer_table(layers: list[LayerInfo], cam_layer: str | None) -> str:
 
 def layer_records(layers: list[LayerInfo], cam_layer: str | None) -> list[dict[str, object]]:
     """The ``hookviz layers --json`` records."""
-    return [{"name": info.name, "type": info.type, "output_shape": list(info.output_shape) if info.output_shape else None,
-             "parameters": info.parameters, "calls": info.calls, "conv": info.is_conv, "cam_default": info.name == cam_layer}
-            for info in layers]
+    return [
+        {
+            "name": info.name,
+            "type": info.type,
+            "output_shape": list(info.output_shape) if info.output_shape else None,
+            "parameters": info.parameters,
+            "calls": info.calls,
+            "conv": info.is_conv,
+            "cam_default": info.name == cam_layer,
+        }
+        for info in layers
+    ]
 
 
-def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu",
-                 batch: int = 1) -> ModelTrace:
+def trace_layers(
+    model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu", batch: int = 1
+) -> ModelTrace:
     """Run one forward pass on a fixed random input and describe every module, in ``named_modules()`` order.
 
     A backward pass from the top class's score then finds which spatial outputs the score depends on.
@@ -117,25 +127,30 @@ def trace_layers(model: nn.Module, input_size: tuple[int, int], device: torch.de
     with capture(model, [name for name, _ in modules], grad=True) as activations:
         output = run_model(model, dummy)
         layouts = {name: spatial_layout(tensor.shape, input_size) for name, tensor in activations.items()}
-        class_dependent = _class_dependent(output, {name: activations[name] for name, layout in layouts.items() if layout},
-                                           layouts)
+        class_dependent = _class_dependent(
+            output, {name: activations[name] for name, layout in layouts.items() if layout}, layouts
+        )
     infos = []
     for name, module in modules:
         found = activations.get(name)
-        infos.append(LayerInfo(
-            name=name,
-            type=type(module).__name__,
-            output_shape=tuple(found.shape) if found is not None else None,
-            parameters=sum(p.numel() for p in module.parameters()),
-            calls=activations.calls.get(name, 0),
-            is_conv=is_conv_layer(module),
-            layout=layouts.get(name),
-        ))
+        infos.append(
+            LayerInfo(
+                name=name,
+                type=type(module).__name__,
+                output_shape=tuple(found.shape) if found is not None else None,
+                parameters=sum(p.numel() for p in module.parameters()),
+                calls=activations.calls.get(name, 0),
+                is_conv=is_conv_layer(module),
+                layout=layouts.get(name),
+            )
+        )
     finished = list(dict.fromkeys(reversed(activations.order)))[::-1]  # each name at its last finish
     return ModelTrace(layers=infos, finish_order=finished, class_dependent=class_dependent)
 
 
-def _class_dependent(output: object, spatial: dict[str, torch.Tensor], layouts: dict[str, Layout | None]) -> set[str] | None:
+def _class_dependent(
+    output: object, spatial: dict[str, torch.Tensor], layouts: dict[str, Layout | None]
+) -> set[str] | None:
     """The spatial layers whose gradient of the top class's score is non-zero at more than one position."""
     try:
         logits = select_logits(output)
@@ -147,9 +162,11 @@ def _class_dependent(output: object, spatial: dict[str, torch.Tensor], layouts: 
     score = logits[:, logits[0].argmax()].sum()
     gradients = torch.autograd.grad(score, [spatial[name] for name in names], allow_unused=True)
     dependent = set()
-    for name, gradient in zip(names, gradients):
+    for name, gradient in zip(names, gradients, strict=True):
         if gradient is not None:
-            positions = to_spatial(gradient, layouts[name]).abs().sum(dim=(0, 1))
+            layout = layouts[name]
+            assert layout is not None  # only spatial layers were differentiated
+            positions = to_spatial(gradient, layout).abs().sum(dim=(0, 1))
             if int((positions > 0).sum()) > 1:
                 dependent.add(name)
     return dependent

@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST_NAME = "manifest.jsonl"
 DONE = ("ok", "skipped")
@@ -65,7 +66,7 @@ class Manifest:
 
     def completed(self, key: str) -> dict[str, dict[str, Any]]:
         """Inputs that a run with these options finished, whose output files all still exist."""
-        runs: set[str] = set()
+        runs: set[Any] = set()
         done: dict[str, dict[str, Any]] = {}
         for entry in self.entries():
             if entry.get("type") == "run" and entry.get("key") == key:
@@ -84,8 +85,13 @@ def _outputs_exist(outputs: list[dict[str, Any]]) -> bool:
 
 def options_key(command: str, model: str, preprocessing: Any, crop: bool, settings: dict[str, Any]) -> str:
     """A hash of everything that decides a command's output files (not batch size, workers or paths)."""
-    decided_by = {"command": command, "model": model, "preprocessing": jsonable(preprocessing), "crop": crop,
-                  "settings": settings}
+    decided_by = {
+        "command": command,
+        "model": model,
+        "preprocessing": jsonable(preprocessing),
+        "crop": crop,
+        "settings": settings,
+    }
     return hashlib.sha256(json.dumps(decided_by, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

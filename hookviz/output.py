@@ -6,9 +6,10 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import IO, Any
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -31,27 +32,33 @@ def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
 
     Computed over the whole input list, so two inputs never share a directory.
     """
-    return dict(zip(paths, _unique([safe_name(path.stem) for path in paths], [str(path) for path in paths])))
+    return dict(
+        zip(paths, _unique([safe_name(path.stem) for path in paths], [str(path) for path in paths]), strict=True)
+    )
 
 
 def layer_file_names(layers: Sequence[str]) -> dict[str, str]:
     """A file-name part per layer name; ``stem/conv`` and ``stem_conv`` sanitize alike, so they get a hash suffix."""
-    return dict(zip(layers, _unique([safe_name(layer) for layer in layers], list(layers))))
+    return dict(zip(layers, _unique([safe_name(layer) for layer in layers], list(layers)), strict=True))
 
 
 def _unique(names: list[str], sources: list[str]) -> list[str]:
     counts: dict[str, int] = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1
-    return [name if counts[name] == 1 else f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
-            for name, source in zip(names, sources)]
+    return [
+        name if counts[name] == 1 else f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
+        for name, source in zip(names, sources, strict=True)
+    ]
 
 
 def prepare_output_dir(directory: Path) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create output directory {directory} ({exc.strerror}); choose another with -o") from None
+        raise UsageError(
+            f"cannot create output directory {directory} ({exc.strerror}); choose another with -o"
+        ) from None
     if not os.access(directory, os.W_OK):
         raise UsageError(f"output directory {directory} is not writable; choose another with -o")
     return directory
@@ -76,8 +83,15 @@ def atomic_write(path: Path, mode: str = "wb", encoding: str | None = None) -> I
     plain ``open()`` would give it under the current umask (temporary files are 0600).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(mode, encoding=encoding, dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=TEMPORARY_SUFFIX, delete=False)
+    # Not a `with`: the file must outlive its handle, to be renamed or removed below.
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
+        mode,
+        encoding=encoding,
+        dir=path.parent,
+        prefix=f".{path.name}.",
+        suffix=TEMPORARY_SUFFIX,
+        delete=False,
+    )
     try:
         with handle:
             yield handle

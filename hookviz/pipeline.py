@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -84,12 +85,15 @@ class Timings:
     writing: float = 0.0  # in the writer thread, overlapping the other two
 
     def as_text(self) -> str:
-        return (f"model {self.model:.1f} s, waiting for decoded images {self.waiting_for_images:.1f} s, "
-                f"rendering and writing {self.writing:.1f} s (in the background)")
+        return (
+            f"model {self.model:.1f} s, waiting for decoded images {self.waiting_for_images:.1f} s, "
+            f"rendering and writing {self.writing:.1f} s (in the background)"
+        )
 
 
-def prepare_image(path: Path, stem: str, preprocessing: Preprocessing, crop: bool,
-                  max_pixels: int | None = None) -> PreparedImage:
+def prepare_image(
+    path: Path, stem: str, preprocessing: Preprocessing, crop: bool, max_pixels: int | None = None
+) -> PreparedImage:
     image = load_image(path, max_pixels=max_pixels)
     return PreparedImage(
         path=path,
@@ -103,8 +107,9 @@ def prepare_image(path: Path, stem: str, preprocessing: Preprocessing, crop: boo
 class _PreparedImages(torch.utils.data.Dataset):
     """Decoding and preprocessing as a Dataset, so DataLoader workers can run it."""
 
-    def __init__(self, inputs: Sequence[tuple[Path, str]], preprocessing: Preprocessing, crop: bool,
-                 max_pixels: int | None):
+    def __init__(
+        self, inputs: Sequence[tuple[Path, str]], preprocessing: Preprocessing, crop: bool, max_pixels: int | None
+    ):
         self.inputs, self.preprocessing, self.crop, self.max_pixels = list(inputs), preprocessing, crop, max_pixels
 
     def __len__(self) -> int:
@@ -119,7 +124,7 @@ class _PreparedImages(torch.utils.data.Dataset):
         if torch.utils.data.get_worker_info() is not None:
             # In a worker process, send arrays by value: a tensor would travel as a file descriptor through a
             # helper thread that prints a traceback when Ctrl-C interrupts the main process mid-transfer.
-            prepared.pixels, prepared.tensor = prepared.pixels.numpy(), prepared.tensor.numpy()
+            prepared.pixels, prepared.tensor = prepared.pixels.numpy(), prepared.tensor.numpy()  # type: ignore[assignment]
         return prepared
 
 
@@ -127,31 +132,47 @@ def _as_is(item: Any) -> Any:  # DataLoader's collate step for one item at a tim
     return item
 
 
-def prepared_images(inputs: Sequence[tuple[Path, str]], preprocessing: Preprocessing, *, crop: bool = False,
-                    workers: int = 0, prefetch: int = 8, max_pixels: int | None = None) -> Iterator[PreparedImage | Record]:
+def prepared_images(
+    inputs: Sequence[tuple[Path, str]],
+    preprocessing: Preprocessing,
+    *,
+    crop: bool = False,
+    workers: int = 0,
+    prefetch: int = 8,
+    max_pixels: int | None = None,
+) -> Generator[PreparedImage | Record, None, None]:
     """Each input decoded and preprocessed, in input order; ``workers`` > 0 does it in background processes."""
     dataset = _PreparedImages(inputs, preprocessing, crop, max_pixels)
     if workers <= 0 or len(dataset) == 0:
         yield from (dataset[i] for i in range(len(dataset)))
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                                         prefetch_factor=max(2, prefetch // workers))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, collate_fn=_as_is, num_workers=workers, prefetch_factor=max(2, prefetch // workers)
+    )
     for item in loader:
         if isinstance(item, PreparedImage):
             item.pixels, item.tensor = torch.from_numpy(item.pixels), torch.from_numpy(item.tensor)
         yield item
 
 
-def image_batches(inputs: Sequence[tuple[Path, str]], loaded: LoadedModel, *, crop: bool = False, batch_size: int = 8,
-                  workers: int = 0, max_pixels: int | None = None) -> Iterator[list[PreparedImage | Record]]:
+def image_batches(
+    inputs: Sequence[tuple[Path, str]],
+    loaded: LoadedModel,
+    *,
+    crop: bool = False,
+    batch_size: int = 8,
+    workers: int = 0,
+    max_pixels: int | None = None,
+) -> Generator[list[PreparedImage | Record], None, None]:
     """The inputs in batches of ``batch_size``, in input order: each a prepared image, or the record of its failure.
 
     A .pt2 exported with a static batch dimension caps the batch size at it.
     """
     if loaded.fixed_batch is not None:
         batch_size = min(batch_size, loaded.fixed_batch)
-    images = prepared_images(inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size,
-                             max_pixels=max_pixels)
+    images = prepared_images(
+        inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size, max_pixels=max_pixels
+    )
     slots: list[PreparedImage | Record] = []
     try:
         for slot in images:
@@ -175,7 +196,7 @@ def run_job(
     workers: int = 0,
     max_pixels: int | None = None,
     timings: Timings | None = None,
-) -> Iterator[Record]:
+) -> Generator[Record, None, None]:
     """Run ``job`` over ``inputs`` ((path, output stem) pairs); yield one record per input, in input order.
 
     Stopping early (``close()``, Ctrl-C) waits for the image being written and drops the rest:
@@ -229,7 +250,9 @@ def _write_one(job: Job, item: PreparedImage, index: int, result: Any) -> Record
     try:
         return job.write(item, index, result)
     except OSError as exc:  # disk full, permissions: this input failed, the run goes on
-        return Record(input=str(item.path), status="error", error=f"{item.path}: cannot write outputs ({exc.strerror or exc})")
+        return Record(
+            input=str(item.path), status="error", error=f"{item.path}: cannot write outputs ({exc.strerror or exc})"
+        )
 
 
 def model_batch(images: Sequence[PreparedImage], loaded: LoadedModel) -> torch.Tensor:

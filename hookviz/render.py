@@ -6,7 +6,7 @@ colormap's 256 colours once.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import UsageError, did_you_mean
 
 
-@lru_cache(maxsize=None)
+@cache
 def colormap_lut(name: str) -> torch.Tensor:
     """A matplotlib colormap as a (256, 3) uint8 lookup table."""
     import matplotlib
@@ -56,7 +56,9 @@ def resize_map(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(heat[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
-def heat_in_image(heat: torch.Tensor, box: tuple[float, float, float, float], image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def heat_in_image(
+    heat: torch.Tensor, box: tuple[float, float, float, float], image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Place a (h, w) map, which covers ``box`` of the original image, on the original's pixel grid.
 
     Returns (heat, seen): heat of shape (H, W) in the original's resolution, zero
@@ -74,13 +76,14 @@ def heat_in_image(heat: torch.Tensor, box: tuple[float, float, float, float], im
     x0, y0 = round(left), round(top)
     xs0, ys0 = max(0, x0), max(0, y0)
     xs1, ys1 = min(width, x0 + box_w), min(height, y0 + box_h)
-    canvas[ys0:ys1, xs0:xs1] = placed[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0]
+    canvas[ys0:ys1, xs0:xs1] = placed[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
     seen[ys0:ys1, xs0:xs1] = True
     return canvas, seen
 
 
-def overlay(image: torch.Tensor, heat: torch.Tensor, *, alpha: float = 0.5, cmap: str = "jet",
-            seen: torch.Tensor | None = None) -> torch.Tensor:
+def overlay(
+    image: torch.Tensor, heat: torch.Tensor, *, alpha: float = 0.5, cmap: str = "jet", seen: torch.Tensor | None = None
+) -> torch.Tensor:
     """Blend a heatmap (H, W) in [0, 1] over an RGB uint8 image (3, H, W); dim what the model did not see."""
     colours = apply_colormap(heat, cmap).float()
     blended = image.float() * (1 - alpha) + colours * alpha
@@ -112,7 +115,7 @@ def draw_labels(image: Image.Image, positions: list[tuple[int, int]], labels: li
     """Small labels (e.g. channel indices) at the given top-left positions."""
     draw = ImageDraw.Draw(image)
     font = _font(size)
-    for (x, y), text in zip(positions, labels):
+    for (x, y), text in zip(positions, labels, strict=True):
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
         draw.text((x, y), text, fill=(255, 255, 255), font=font)

@@ -10,9 +10,8 @@ input's size: the patch grid has the input's aspect ratio.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-from typing import Mapping
 
 import torch
 
@@ -42,7 +41,9 @@ def spatial_layout(shape: tuple[int, ...] | torch.Size, input_size: tuple[int, i
     tolerance = math.log(1.5)  # pooling and odd sizes round a map's sides; a wrong reading is off by far more
     if len(shape) == 4:
         candidates = [Layout("nchw", shape[2], shape[3]), Layout("nhwc", shape[1], shape[2])]
-        candidates = [c for c in candidates if c.height * c.width > 1 and c.height <= input_size[0] and c.width <= input_size[1]]
+        candidates = [
+            c for c in candidates if c.height * c.width > 1 and c.height <= input_size[0] and c.width <= input_size[1]
+        ]
         candidates = [c for c in candidates if _aspect_error(c.height, c.width, input_size) <= tolerance]
         # The reading closer to the input's aspect ratio wins; on a tie (channels equal to a side) NCHW, the convention.
         candidates.sort(key=lambda c: _aspect_error(c.height, c.width, input_size))
@@ -67,17 +68,21 @@ def to_spatial(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
         return tensor
     if layout.kind == "nhwc":
         return tensor.permute(0, 3, 1, 2)
-    patches = tensor[:, layout.prefix:]
+    patches = tensor[:, layout.prefix :]
     return patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], layout.height, layout.width)
 
 
-def spatial_output(activations: Mapping[str, torch.Tensor], layer: str, input_size: tuple[int, int]) -> tuple[torch.Tensor, Layout]:
+def spatial_output(
+    activations: Mapping[str, torch.Tensor], layer: str, input_size: tuple[int, int]
+) -> tuple[torch.Tensor, Layout]:
     """The captured output of ``layer`` and how it reads as a map; a UsageError if it did not run or has no map."""
     output = activations.get(layer)
     if output is None:
         raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
     layout = spatial_layout(output.shape, input_size)
     if layout is None:
-        raise UsageError(f"layer {layer!r} has output shape {tuple(output.shape)}, not a spatial map "
-                         "(N, C, H, W) or patch tokens; choose another with -l")
+        raise UsageError(
+            f"layer {layer!r} has output shape {tuple(output.shape)}, not a spatial map "
+            "(N, C, H, W) or patch tokens; choose another with -l"
+        )
     return output, layout

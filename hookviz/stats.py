@@ -17,17 +17,23 @@ later (``ReLU(inplace=True)``) cannot change what is measured.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+from . import tables
 from .forward import first_tensor, run_model
 from .hooks import hook_handles, preserved_state, resolve_layers
 from .layers import is_conv_layer, is_linear_layer
-from . import tables
 from .tables import json_float, short_number
 
 DEFAULT_BINS = 100
@@ -41,8 +47,9 @@ _SMALLEST_BIN_EXPONENT = -1000  # for all-zero data; keeps 2**k a normal float64
 
 def stats_layer_names(model: nn.Module) -> list[str]:
     """The default layers for statistics: every conv and linear layer, in ``named_modules()`` order."""
-    return [name for name, module in model.named_modules()
-            if name and (is_conv_layer(module) or is_linear_layer(module))]
+    return [
+        name for name, module in model.named_modules() if name and (is_conv_layer(module) or is_linear_layer(module))
+    ]
 
 
 # --- one layer's running statistics ----------------------------------------------------------------
@@ -115,7 +122,9 @@ class LayerStats:
 
     def _update_channels(self, values: torch.Tensor) -> None:
         # A 0-D or 1-D output has no channel axis: the whole output counts as one channel.
-        per_channel = values.gt(0).reshape(1, -1) if values.dim() < 2 else values.gt(0).movedim(self.channel_dim, 0).flatten(1)
+        per_channel = (
+            values.gt(0).reshape(1, -1) if values.dim() < 2 else values.gt(0).movedim(self.channel_dim, 0).flatten(1)
+        )
         active = per_channel.any(dim=1).cpu()
         if self._active is None:
             self._active = active
@@ -227,8 +236,11 @@ def _bin_grid(low: float, high: float, bins: int) -> tuple[int, int]:
     what makes the histogram independent of how values are split into batches.
     """
     magnitude = max(abs(low), abs(high))
-    exponent = _SMALLEST_BIN_EXPONENT if magnitude == 0 else max(
-        _SMALLEST_BIN_EXPONENT, math.frexp(magnitude)[1] - _FLOAT32_MANTISSA_BITS)
+    exponent = (
+        _SMALLEST_BIN_EXPONENT
+        if magnitude == 0
+        else max(_SMALLEST_BIN_EXPONENT, math.frexp(magnitude)[1] - _FLOAT32_MANTISSA_BITS)
+    )
     if high > low:
         # Narrower bins cannot cover the span ((bins + 1) * 2**k > high - low); two less for log2's rounding.
         exponent = max(exponent, math.ceil(math.log2((high - low) / bins)) - 2)
@@ -257,8 +269,10 @@ class StatsCollector:
         self.model = model
         self.bins = bins
         self.modules = resolve_layers(model, names)  # unknown names fail here, with suggestions
-        self.stats = {name: LayerStats(bins=bins, channel_dim=-1 if is_linear_layer(module) else 1)
-                      for name, module in self.modules.items()}
+        self.stats = {
+            name: LayerStats(bins=bins, channel_dim=-1 if is_linear_layer(module) else 1)
+            for name, module in self.modules.items()
+        }
         self.images = 0
 
     def update(self, batch: torch.Tensor, count: int | None = None) -> None:
@@ -288,8 +302,9 @@ class StatsCollector:
         return dict(self.stats)
 
 
-def collect_stats(model: nn.Module, batches: Any, layers: Sequence[str] | None = None,
-                  bins: int = DEFAULT_BINS) -> dict[str, LayerStats]:
+def collect_stats(
+    model: nn.Module, batches: Any, layers: Sequence[str] | None = None, bins: int = DEFAULT_BINS
+) -> dict[str, LayerStats]:
     """Statistics over an iterable of batches, in one call."""
     collector = StatsCollector(model, layers, bins=bins)
     for batch in batches:
@@ -309,8 +324,18 @@ def format_table(results: Mapping[str, LayerStats]) -> str:
             rows.append([name, "did not run", "", "", "", "", "", "0"])
             continue
         values = f"{stats.count:,}" + (f" (+{stats.nonfinite:,} non-finite)" if stats.nonfinite else "")
-        rows.append([name, short_number(stats.mean), short_number(stats.std), short_number(stats.min), short_number(stats.max),
-                     _percent(stats.zero_fraction), f"{len(stats.dead_channels)}/{stats.channels}", values])
+        rows.append(
+            [
+                name,
+                short_number(stats.mean),
+                short_number(stats.std),
+                short_number(stats.min),
+                short_number(stats.max),
+                _percent(stats.zero_fraction),
+                f"{len(stats.dead_channels)}/{stats.channels}",
+                values,
+            ]
+        )
     return tables.format_table(rows, right=range(1, len(header) - 1))
 
 
@@ -335,18 +360,26 @@ def histogram_figure(results: Mapping[str, LayerStats], path: Path) -> Path:
     return write_png(image, Path(path), {"hookviz:layers": ",".join(results)})
 
 
-def _histogram_figure(results: Mapping[str, LayerStats]):
+def _histogram_figure(results: Mapping[str, LayerStats]) -> Figure:
     from matplotlib.figure import Figure
 
     rows = max(1, len(results))
     height = TOP_INCHES + BOTTOM_INCHES + ROW_HEIGHT_INCHES * rows - ROW_GAP_INCHES
     figure = Figure(figsize=(FIGURE_WIDTH_INCHES, height), dpi=FIGURE_DPI)
     # Margins fixed in inches rather than constrained layout: the same look at any row count, and 5x faster to draw.
-    axes = figure.subplots(rows, 1, squeeze=False, gridspec_kw={
-        "left": 0.8 / FIGURE_WIDTH_INCHES, "right": 1 - 0.2 / FIGURE_WIDTH_INCHES,
-        "top": 1 - TOP_INCHES / height, "bottom": BOTTOM_INCHES / height,
-        "hspace": ROW_GAP_INCHES / (ROW_HEIGHT_INCHES - ROW_GAP_INCHES)})[:, 0]
-    for ax, (name, stats) in zip(axes, results.items()):
+    axes = figure.subplots(
+        rows,
+        1,
+        squeeze=False,
+        gridspec_kw={
+            "left": 0.8 / FIGURE_WIDTH_INCHES,
+            "right": 1 - 0.2 / FIGURE_WIDTH_INCHES,
+            "top": 1 - TOP_INCHES / height,
+            "bottom": BOTTOM_INCHES / height,
+            "hspace": ROW_GAP_INCHES / (ROW_HEIGHT_INCHES - ROW_GAP_INCHES),
+        },
+    )[:, 0]
+    for ax, (name, stats) in zip(axes, results.items(), strict=False):
         _draw_histogram(ax, name, stats)
     if not results:
         axes[0].set_axis_off()
@@ -354,11 +387,17 @@ def _histogram_figure(results: Mapping[str, LayerStats]):
     return figure
 
 
-def _draw_histogram(ax, name: str, stats: LayerStats) -> None:
+def _draw_histogram(ax: Axes, name: str, stats: LayerStats) -> None:
     if not stats.count:
         ax.set_title(name, loc="left", fontsize=10, fontweight="bold")
-        ax.text(0.5, 0.5, "did not run" if not stats.ran else "no finite values", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "did not run" if not stats.ran else "no finite values",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_yticks([])
         ax.set_xticks([])
         return
@@ -374,19 +413,23 @@ def _draw_histogram(ax, name: str, stats: LayerStats) -> None:
     ax.tick_params(labelsize=8)
     dead = len(stats.dead_channels)
     ax.set_title(name, loc="left", fontsize=10, fontweight="bold")
-    ax.set_title(f"mean {stats.mean:.3g}  std {stats.std:.3g}  range [{stats.min:.3g}, {stats.max:.3g}]  "
-                 f"<=0: {stats.zero_fraction:.1%}  dead: {dead}/{stats.channels}", loc="right", fontsize=8,
-                 color="tab:red" if dead else "black")
+    ax.set_title(
+        f"mean {stats.mean:.3g}  std {stats.std:.3g}  range [{stats.min:.3g}, {stats.max:.3g}]  "
+        f"<=0: {stats.zero_fraction:.1%}  dead: {dead}/{stats.channels}",
+        loc="right",
+        fontsize=8,
+        color="tab:red" if dead else "black",
+    )
 
 
 def _trimmed(counts: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the empty bins at both ends, so the axis shows where the values are."""
     filled = torch.nonzero(counts).flatten()
     start, stop = int(filled[0]), int(filled[-1]) + 1
-    return counts[start:stop], edges[start:stop + 1]
+    return counts[start:stop], edges[start : stop + 1]
 
 
-def _render(figure):
+def _render(figure: Figure) -> Image.Image:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 SEPARATOR = "  "
 
 
-def format_table(rows: Sequence[Sequence[str]], *, right: Sequence[int] = (), min_widths: dict[int, int] | None = None) -> str:
+def format_table(
+    rows: Sequence[Sequence[str]], *, right: Sequence[int] = (), min_widths: dict[int, int] | None = None
+) -> str:
     """Rows of cells (the first row is the header) as aligned lines.
 
     Columns listed in ``right`` are right-aligned, the others left-aligned;
@@ -24,7 +26,10 @@ def format_table(rows: Sequence[Sequence[str]], *, right: Sequence[int] = (), mi
     aligned_right = set(right)
     lines = []
     for row in cells:
-        parts = [cell.rjust(width) if i in aligned_right else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))]
+        parts = [
+            cell.rjust(width) if i in aligned_right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append(SEPARATOR.join(parts).rstrip())
     return "\n".join(lines)
 

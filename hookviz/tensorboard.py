@@ -8,8 +8,9 @@ the images; a text entry per step names the input file.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy
 from PIL import Image
@@ -26,7 +27,9 @@ def summary_writer(log_dir: Path) -> Any:
     try:
         return SummaryWriter(log_dir=str(log_dir))
     except OSError as exc:
-        raise UsageError(f"cannot write TensorBoard events to {log_dir} ({exc.strerror or exc}); choose another --tensorboard DIR") from None
+        raise UsageError(
+            f"cannot write TensorBoard events to {log_dir} ({exc.strerror or exc}); choose another --tensorboard DIR"
+        ) from None
 
 
 class ImageSink:
@@ -62,13 +65,18 @@ def add_layer_statistics(writer: Any, results: Mapping[str, Any], step: int = 0)
         counts, edges = stats.histogram()
         values = float(stats.count)
         writer.add_histogram_raw(
-            f"activations/{name}", min=stats.min, max=stats.max, num=values, sum=stats.mean * values,
-            sum_squares=(stats.std ** 2 + stats.mean ** 2) * values,
-            bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step,
+            f"activations/{name}",
+            min=stats.min,
+            max=stats.max,
+            num=values,
+            sum=stats.mean * values,
+            sum_squares=(stats.std**2 + stats.mean**2) * values,
+            bucket_limits=edges[1:].tolist(),
+            bucket_counts=counts.tolist(),
+            global_step=step,
         )
         writer.add_scalar(f"mean/{name}", stats.mean, step)
         writer.add_scalar(f"std/{name}", stats.std, step)
         writer.add_scalar(f"zero_fraction/{name}", stats.zero_fraction, step)
         writer.add_scalar(f"dead_channels/{name}", float(len(stats.dead_channels)), step)
     writer.flush()
-

@@ -18,8 +18,9 @@ in-place ops such as ``ReLU(inplace=True)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,8 +67,12 @@ class TraceEvent:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "direction": self.direction, "step": self.step, "name": self.name, "type": self.type,
-            "depth": self.depth, "call": self.call,
+            "direction": self.direction,
+            "step": self.step,
+            "name": self.name,
+            "type": self.type,
+            "depth": self.depth,
+            "call": self.call,
             "inputs": [summary.as_json() for summary in self.inputs],
             ("output" if self.direction == FORWARD else "gradient"): self.output.as_json() if self.output else None,
             "note": self.note,
@@ -98,8 +103,9 @@ class Trace:
         }
 
 
-def trace_model(model: nn.Module, batch: torch.Tensor, class_index: int | None = None,
-                output_key: str | None = None) -> Trace:
+def trace_model(
+    model: nn.Module, batch: torch.Tensor, class_index: int | None = None, output_key: str | None = None
+) -> Trace:
     """Run one forward and one backward pass of ``batch`` and record every module call, in order.
 
     The score is the logit of ``class_index`` (default: each image's top-1
@@ -118,8 +124,12 @@ def trace_model(model: nn.Module, batch: torch.Tensor, class_index: int | None =
         classes = _classes(logits, class_index)
         score = logits[torch.arange(logits.shape[0], device=logits.device), classes].sum()
         input_gradient = _backward(model, score, x)
-    return Trace(events=recorder.forward_events + recorder.backward_events, classes=classes.tolist(),
-                 score=float(score.detach()), input_gradient=input_gradient)
+    return Trace(
+        events=recorder.forward_events + recorder.backward_events,
+        classes=classes.tolist(),
+        score=float(score.detach()),
+        input_gradient=input_gradient,
+    )
 
 
 def _classes(logits: torch.Tensor, class_index: int | None) -> torch.Tensor:
@@ -164,14 +174,18 @@ class _Recorder:
             self.handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self.handles.append(module.register_forward_hook(self._hook()))
 
-    def _pre_hook(self, name: str):
+    def _pre_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
         def pre_hook(module: nn.Module, inputs: Any) -> None:
             # Summarized now: the module itself may overwrite its input (ReLU(inplace=True)).
             key = id(module)
             self.calls[key] = self.calls.get(key, 0) + 1
             event = TraceEvent(
-                direction=FORWARD, step=len(self.forward_events), name=name, type=type(module).__name__,
-                depth=0 if name == "" else name.count(".") + 1, call=self.calls[key],
+                direction=FORWARD,
+                step=len(self.forward_events),
+                name=name,
+                type=type(module).__name__,
+                depth=0 if name == "" else name.count(".") + 1,
+                call=self.calls[key],
                 inputs=[summarize(t) for t in _tensors(inputs)],
             )
             self.forward_events.append(event)
@@ -179,7 +193,7 @@ class _Recorder:
 
         return pre_hook
 
-    def _hook(self):
+    def _hook(self) -> Callable[[nn.Module, Any, Any], Any]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             event = self.open[id(module)].pop()
             tensor = first_tensor(output)
@@ -199,13 +213,21 @@ class _Recorder:
 
         return hook
 
-    def _gradient_hook(self, forward: TraceEvent):
+    def _gradient_hook(self, forward: TraceEvent) -> Callable[[torch.Tensor], None]:
         def gradient_hook(gradient: torch.Tensor) -> None:
             summary = summarize(gradient, norm=True)
-            self.backward_events.append(TraceEvent(
-                direction=BACKWARD, step=len(self.backward_events), name=forward.name, type=forward.type,
-                depth=forward.depth, call=forward.call, output=summary, note=_gradient_note(summary),
-            ))
+            self.backward_events.append(
+                TraceEvent(
+                    direction=BACKWARD,
+                    step=len(self.backward_events),
+                    name=forward.name,
+                    type=forward.type,
+                    depth=forward.depth,
+                    call=forward.call,
+                    output=summary,
+                    note=_gradient_note(summary),
+                )
+            )
 
         return gradient_hook
 
@@ -253,8 +275,21 @@ def format_trace(trace: Trace | Iterable[TraceEvent]) -> str:
     rows = [header] + [_row(event) for event in events]
     if isinstance(trace, Trace) and trace.input_gradient is not None:
         gradient = trace.input_gradient
-        rows.append(["bwd", "", "(input)", "", "", _shape(gradient.shape), short_number(gradient.min),
-                     short_number(gradient.max), short_number(gradient.mean), short_number(gradient.norm), _gradient_note(gradient) or ""])
+        rows.append(
+            [
+                "bwd",
+                "",
+                "(input)",
+                "",
+                "",
+                _shape(gradient.shape),
+                short_number(gradient.min),
+                short_number(gradient.max),
+                short_number(gradient.mean),
+                short_number(gradient.norm),
+                _gradient_note(gradient) or "",
+            ]
+        )
     return format_table(rows, right=(1, 6, 7, 8, 9))
 
 
@@ -262,11 +297,26 @@ def _row(event: TraceEvent) -> list[str]:
     label = "  " * event.depth + (event.name or "(model)") + (f" #{event.call}" if event.call > 1 else "")
     summary = event.output
     inputs = ", ".join(_shape(item.shape) for item in event.inputs)
-    values = ["", "", "", ""] if summary is None else [
-        short_number(summary.min), short_number(summary.max), short_number(summary.mean),
-        "" if summary.norm is None else short_number(summary.norm)]
-    return ["fwd" if event.direction == FORWARD else "bwd", str(event.step), label, event.type, inputs,
-            "" if summary is None else _shape(summary.shape), *values, event.note or ""]
+    values = (
+        ["", "", "", ""]
+        if summary is None
+        else [
+            short_number(summary.min),
+            short_number(summary.max),
+            short_number(summary.mean),
+            "" if summary.norm is None else short_number(summary.norm),
+        ]
+    )
+    return [
+        "fwd" if event.direction == FORWARD else "bwd",
+        str(event.step),
+        label,
+        event.type,
+        inputs,
+        "" if summary is None else _shape(summary.shape),
+        *values,
+        event.note or "",
+    ]
 
 
 def _shape(shape: tuple[int, ...]) -> str:

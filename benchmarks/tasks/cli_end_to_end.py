@@ -18,6 +18,7 @@ from typing import Any
 
 import hookviz_adapter as hv
 from common import BENCH_DIR, PYTHON, Timed, child_env, descendants, interleaved, log, proc_status
+
 from tasks import Context
 
 SAMPLE_EVERY = 0.05
@@ -46,8 +47,16 @@ def stream(argv: list[str], *, sample_rss: bool = False) -> dict[str, Any]:
             main = proc_status(process.pid)
             if main:
                 children = [proc_status(child).get("VmRSS", 0) for child in descendants(process.pid)]
-                samples.append({"t": time.perf_counter() - started, "lines": len(line_times), "rss": main.get("VmRSS", 0),
-                                "hwm": main.get("VmHWM", 0), "children_rss": sum(children), "children": len(children)})
+                samples.append(
+                    {
+                        "t": time.perf_counter() - started,
+                        "lines": len(line_times),
+                        "rss": main.get("VmRSS", 0),
+                        "hwm": main.get("VmHWM", 0),
+                        "children_rss": sum(children),
+                        "children": len(children),
+                    }
+                )
         time.sleep(SAMPLE_EVERY)
     wall = time.perf_counter() - started
     for thread in threads:
@@ -62,9 +71,17 @@ def throughput(result: dict[str, Any], images: int) -> dict[str, float]:
     times = result["line_times"]
     first = times[0] if times else float("nan")
     first_burst = sum(1 for t in times if t <= first + 0.05)
-    after = (len(times) - first_burst) / (times[-1] - first) if len(times) > first_burst and times[-1] > first else float("nan")
-    return {"images_per_s": images / result["wall"], "first_output_s": first, "images_per_s_after_first": after,
-            "lines": len(times)}
+    after = (
+        (len(times) - first_burst) / (times[-1] - first)
+        if len(times) > first_burst and times[-1] > first
+        else float("nan")
+    )
+    return {
+        "images_per_s": images / result["wall"],
+        "first_output_s": first,
+        "images_per_s_after_first": after,
+        "lines": len(times),
+    }
 
 
 def _fresh(directory: Path) -> Path:
@@ -95,13 +112,26 @@ def run_e2e(ctx: Context) -> dict[str, Any]:
         return Timed(result["wall"], throughput(result, count))
 
     def reference_case() -> Timed:
-        result = stream([PYTHON, str(BENCH_DIR / "gradcam_script_reference.py"), str(folder), "-o",
-                         str(out_dir("reference")), "--batch-size", "8"])
+        result = stream(
+            [
+                PYTHON,
+                str(BENCH_DIR / "gradcam_script_reference.py"),
+                str(folder),
+                "-o",
+                str(out_dir("reference")),
+                "--batch-size",
+                "8",
+            ]
+        )
         return Timed(result["wall"], throughput(result, count))
 
     log(f"task 5: end-to-end Grad-CAM over {count} JPEGs, hookviz CLI vs a pytorch-grad-cam script")
-    series = interleaved({"hookviz CLI": hookviz_case, "pytorch-grad-cam script": reference_case},
-                         ctx.heavy_reps, warmup=0, label="task5")
+    series = interleaved(
+        {"hookviz CLI": hookviz_case, "pytorch-grad-cam script": reference_case},
+        ctx.heavy_reps,
+        warmup=0,
+        label="task5",
+    )
     for path in ctx.tmp.glob("e2e_*"):
         shutil.rmtree(path, ignore_errors=True)
     return {"images": count, "tools": {k: v.as_json() for k, v in series.items()}}
@@ -124,11 +154,20 @@ def run_rss(ctx: Context) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     samples = result["samples"]
     at_early, at_end = _rss_at(samples, early), _rss_at(samples, count)
-    log(f"task 7: {len(samples)} samples, RSS {at_early and at_early['rss'] / 2**20:.0f} MiB after image "
-        f"{at_early and at_early['lines']}, {at_end and at_end['rss'] / 2**20:.0f} MiB after image {at_end and at_end['lines']}")
-    return {"images": count, "early": early, "wall": result["wall"], "at_early": at_early, "at_end": at_end,
-            "peak_hwm": max((s["hwm"] for s in samples), default=0),
-            "max_children_rss": max((s["children_rss"] for s in samples), default=0),
-            "max_children": max((s["children"] for s in samples), default=0),
-            "lines": len(result["line_times"]), "samples": len(samples),
-            "curve": [(round(s["t"], 2), s["lines"], s["rss"]) for s in samples[:: max(1, len(samples) // 60)]]}
+    log(
+        f"task 7: {len(samples)} samples, RSS {at_early and at_early['rss'] / 2**20:.0f} MiB after image "
+        f"{at_early and at_early['lines']}, {at_end and at_end['rss'] / 2**20:.0f} MiB after image {at_end and at_end['lines']}"
+    )
+    return {
+        "images": count,
+        "early": early,
+        "wall": result["wall"],
+        "at_early": at_early,
+        "at_end": at_end,
+        "peak_hwm": max((s["hwm"] for s in samples), default=0),
+        "max_children_rss": max((s["children_rss"] for s in samples), default=0),
+        "max_children": max((s["children"] for s in samples), default=0),
+        "lines": len(result["line_times"]),
+        "samples": len(samples),
+        "curve": [(round(s["t"], 2), s["lines"], s["rss"]) for s in samples[:: max(1, len(samples) // 60)]],
+    }

@@ -11,10 +11,10 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-import torch
-
 import hookviz_adapter as hv
+import torch
 from common import SEED, interleaved, log
+
 from tasks import Context
 
 
@@ -27,8 +27,10 @@ def run(ctx: Context) -> dict[str, Any]:
     out_hv, out_floor = ctx.tmp / "fmaps_hookviz", ctx.tmp / "fmaps_floor"
     out_floor.mkdir(parents=True, exist_ok=True)
     pixels = sum(g.width * g.height for g in grids)
-    log(f"task 4: feature-map grids of {len(layers)} Conv2d layers of resnet50, one image "
-        f"({len(grids)} grids, {pixels / 1e6:.1f} Mpixel in all)")
+    log(
+        f"task 4: feature-map grids of {len(layers)} Conv2d layers of resnet50, one image "
+        f"({len(grids)} grids, {pixels / 1e6:.1f} Mpixel in all)"
+    )
 
     def hookviz_case() -> int:
         written = hv.write_fmaps(loaded, prepared, out_hv, layers)
@@ -45,9 +47,15 @@ def run(ctx: Context) -> dict[str, Any]:
         with torch.inference_mode():
             loaded.module(batch)
 
-    series = interleaved({"hookviz": hookviz_case, "floor (PNG encode)": floor, "forward only": forward},
-                         ctx.reps, label="task4")
+    series = interleaved(
+        {"hookviz": hookviz_case, "floor (PNG encode)": floor, "forward only": forward}, ctx.reps, label="task4"
+    )
     shutil.rmtree(out_hv, ignore_errors=True)
     shutil.rmtree(out_floor, ignore_errors=True)
-    return {"layers": len(layers), "grids": len(grids), "megapixels": pixels / 1e6,
-            "compress_level": hv.PNG_COMPRESS_LEVEL, "tools": {k: v.as_json() for k, v in series.items()}}
+    return {
+        "layers": len(layers),
+        "grids": len(grids),
+        "megapixels": pixels / 1e6,
+        "compress_level": hv.PNG_COMPRESS_LEVEL,
+        "tools": {k: v.as_json() for k, v in series.items()},
+    }

@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import hookviz_adapter as hv
 import torch
 import torchvision
-
-import hookviz_adapter as hv
 from common import CLASS, SEED, interleaved, log
+
 from tasks import Context
 
 TOOLS = ("hookviz", "pytorch-grad-cam", "torchcam", "Captum")
@@ -51,8 +51,10 @@ class References:
     def torchcam_multi(self, x: torch.Tensor, per_class: list[list[int]]) -> Any:
         """One forward, then one extractor call per class (retain_graph on all but the last)."""
         scores = self.tc_model(x)
-        return [self.tc(class_idx=classes, scores=scores, retain_graph=j < len(per_class) - 1)
-                for j, classes in enumerate(per_class)]
+        return [
+            self.tc(class_idx=classes, scores=scores, retain_graph=j < len(per_class) - 1)
+            for j, classes in enumerate(per_class)
+        ]
 
     def captum_cam(self, x: torch.Tensor, target: int | torch.Tensor) -> Any:
         return self.captum.attribute(x, target=target)
@@ -89,8 +91,10 @@ def run(ctx: Context) -> dict[str, Any]:
     refs = References(model)
     results: dict[str, Any] = {"task1": {}, "task2": {}}
     results["agreement"] = agreement(hv_model, refs)
-    log("task 1: correlation of each reference's Grad-CAM with hookviz's: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in results["agreement"].items()))
+    log(
+        "task 1: correlation of each reference's Grad-CAM with hookviz's: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in results["agreement"].items())
+    )
 
     sizes = (1, 4) if ctx.quick else (1, 16)
     for batch in sizes:

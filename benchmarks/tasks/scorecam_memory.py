@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from common import BENCH_DIR, PYTHON, Timed, child_env, interleaved, log, run_timed
+
 from tasks import Context
 
 TOOLS = ("hookviz", "torchcam", "pytorch-grad-cam")
@@ -27,9 +28,12 @@ def run(ctx: Context) -> dict[str, Any]:
             _, done = run_timed([PYTHON, str(BENCH_DIR / "workers.py"), "scorecam", tool, str(size)], env=child_env())
             result = json.loads(done.stdout.strip().splitlines()[-1])
             return Timed(result["seconds"], result)
+
         return run_once
 
-    log(f"task 3: Score-CAM resnet18 layer4, one {size}x{size} image, a fresh process per run "
-        f"(about 30-60 s per run at 224)")
+    log(
+        f"task 3: Score-CAM resnet18 layer4, one {size}x{size} image, a fresh process per run "
+        f"(about 30-60 s per run at 224)"
+    )
     series = interleaved({tool: case(tool) for tool in TOOLS}, ctx.scorecam_reps, warmup=0, label="task3")
     return {"size": size, "chunk": CHUNK, "tools": {k: v.as_json() for k, v in series.items()}}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import hookviz_adapter as hv
 import torch
 import torchvision
-
-import hookviz_adapter as hv
 from common import BENCH_DIR, PYTHON, SEED, child_env, interleaved, log, run_timed
+
 from tasks import Context
 
 
@@ -27,6 +27,7 @@ def run(ctx: Context) -> dict[str, Any]:
     export_resnet18(pt2)
     image = ctx.photos[0]
     out = ctx.tmp / "startup_out"
+
     def gradcam_pt2() -> None:
         run_timed(hv.cli_gradcam(str(pt2), [image], out, weights_none=False), env=child_env())
 
@@ -34,11 +35,13 @@ def run(ctx: Context) -> dict[str, Any]:
         "hookviz --help": lambda: run_timed(hv.cli_help(), env=child_env()),
         "hookviz layers resnet50": lambda: run_timed(hv.cli_layers("resnet50"), env=child_env()),
         "python -c 'import torch'": lambda: run_timed([PYTHON, "-c", "import torch"], env=child_env()),
-        "python -c 'import torch, torchvision'": lambda: run_timed([PYTHON, "-c", "import torch, torchvision"],
-                                                                   env=child_env()),
+        "python -c 'import torch, torchvision'": lambda: run_timed(
+            [PYTHON, "-c", "import torch, torchvision"], env=child_env()
+        ),
         "hookviz gradcam model.pt2 img.jpg": gradcam_pt2,
-        "import torch + load .pt2 + one forward": lambda: run_timed([PYTHON, str(BENCH_DIR / "workers.py"), "pt2", str(pt2)],
-                                                                    env=child_env()),
+        "import torch + load .pt2 + one forward": lambda: run_timed(
+            [PYTHON, str(BENCH_DIR / "workers.py"), "pt2", str(pt2)], env=child_env()
+        ),
     }
     log("task 6: start-up times (subprocess wall time)")
     series = interleaved(commands, ctx.heavy_reps, warmup=1, label="task6")

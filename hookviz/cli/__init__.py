@@ -80,8 +80,21 @@ def layers(model: str, model_args: ModelArgs, as_json: bool, show_all: bool) -> 
 @main.command()
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
-@click.option("-l", "--layer", "layer_names", multiple=True, metavar="NAME", help="Layer to draw (repeatable; default: every Conv2d).")
-@click.option("--max-channels", type=click.IntRange(min=1), default=64, show_default=True, help="At most N tiles: the N most active channels.")
+@click.option(
+    "-l",
+    "--layer",
+    "layer_names",
+    multiple=True,
+    metavar="NAME",
+    help="Layer to draw (repeatable; default: every Conv2d).",
+)
+@click.option(
+    "--max-channels",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="At most N tiles: the N most active channels.",
+)
 @click.option("--cmap", default="viridis", show_default=True, help="A matplotlib colormap name.")
 @click.option("--save-raw", is_flag=True, help="Also write each layer's output as float32 .npy (C, h, w).")
 @click.option("--no-index", is_flag=True, help="Do not print channel indices on the tiles.")
@@ -89,8 +102,18 @@ def layers(model: str, model_args: ModelArgs, as_json: bool, show_all: bool) -> 
 @model_options
 @run_options
 @reports_errors
-def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max_channels: int, cmap: str,
-          save_raw: bool, no_index: bool, tensorboard_dir: Path | None, model_args: ModelArgs, run: RunArgs) -> None:
+def fmaps(
+    model: str,
+    images: tuple[str, ...],
+    layer_names: tuple[str, ...],
+    max_channels: int,
+    cmap: str,
+    save_raw: bool,
+    no_index: bool,
+    tensorboard_dir: Path | None,
+    model_args: ModelArgs,
+    run: RunArgs,
+) -> None:
     """Write a feature-map grid per image and layer: DIR/<image-stem>/fmap_<layer>.png.
 
     \b
@@ -111,9 +134,19 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
     resolve_layers(loaded.module, names)
     colormap_lut(cmap)  # an unknown colormap fails before any work
     with tensorboard_images(tensorboard_dir) as sink:
-        job = FmapJob(loaded, FmapOptions(out_dir=run.out_dir, layers=names, max_channels=max_channels, cmap=cmap,
-                                          save_raw=save_raw, label_channels=not no_index, layers_named=bool(layer_names),
-                                          tensorboard=sink))
+        job = FmapJob(
+            loaded,
+            FmapOptions(
+                out_dir=run.out_dir,
+                layers=names,
+                max_channels=max_channels,
+                cmap=cmap,
+                save_raw=save_raw,
+                label_channels=not no_index,
+                layers_named=bool(layer_names),
+                tensorboard=sink,
+            ),
+        )
         code = run_batch(loaded, job, images, run)
     sys.exit(code)
 
@@ -125,13 +158,25 @@ def fmaps(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], max
 @method_option
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Heatmap opacity.")
 @click.option("--cmap", default="jet", show_default=True, help="A matplotlib colormap name.")
-@click.option("--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1].")
+@click.option(
+    "--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1]."
+)
 @tensorboard_option
 @model_options
 @run_options
 @reports_errors
-def gradcam(model: str, images: tuple[str, ...], target: TargetArgs, method: str, alpha: float, cmap: str,
-            save_raw: bool, tensorboard_dir: Path | None, model_args: ModelArgs, run: RunArgs) -> None:
+def gradcam(
+    model: str,
+    images: tuple[str, ...],
+    target: TargetArgs,
+    method: str,
+    alpha: float,
+    cmap: str,
+    save_raw: bool,
+    tensorboard_dir: Path | None,
+    model_args: ModelArgs,
+    run: RunArgs,
+) -> None:
     """Write CAM heatmap overlays: DIR/<image-stem>/<method>_<layer>_c<class>.png.
 
     Overlays have the original image's size; with --crop, what the model did not see is dimmed.
@@ -150,10 +195,21 @@ def gradcam(model: str, images: tuple[str, ...], target: TargetArgs, method: str
     loaded, classes, layer = explained(model, model_args, target, run.quiet)
     colormap_lut(cmap)
     with tensorboard_images(tensorboard_dir) as sink:
-        job = CamJob(loaded, CamOptions(out_dir=run.out_dir, layer=layer, method=method, classes=classes,
-                                        top_k=target.top_k, alpha=alpha, cmap=cmap, save_raw=save_raw,
-                                        score_batch_size=run.batch_size or default_batch_size(loaded.device),
-                                        tensorboard=sink))
+        job = CamJob(
+            loaded,
+            CamOptions(
+                out_dir=run.out_dir,
+                layer=layer,
+                method=method,
+                classes=classes,
+                top_k=target.top_k,
+                alpha=alpha,
+                cmap=cmap,
+                save_raw=save_raw,
+                score_batch_size=run.batch_size or default_batch_size(loaded.device),
+                tensorboard=sink,
+            ),
+        )
         code = run_batch(loaded, job, images, run)
     sys.exit(code)
 
@@ -186,14 +242,30 @@ def guided(model: str, images: tuple[str, ...], target: TargetArgs, model_args: 
 @main.command()
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
-@click.option("-l", "--layer", "layer_names", multiple=True, metavar="NAME", help="Layer to measure (repeatable; default: every Conv2d and Linear).")
-@click.option("--bins", type=click.IntRange(min=4, max=10_000), default=100, show_default=True, help="Histogram bins per layer.")
+@click.option(
+    "-l",
+    "--layer",
+    "layer_names",
+    multiple=True,
+    metavar="NAME",
+    help="Layer to measure (repeatable; default: every Conv2d and Linear).",
+)
+@click.option(
+    "--bins", type=click.IntRange(min=4, max=10_000), default=100, show_default=True, help="Histogram bins per layer."
+)
 @stats_options
 @tensorboard_option
 @model_options
 @reports_errors
-def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bins: int, run: StatsArgs,
-          tensorboard_dir: Path | None, model_args: ModelArgs) -> None:
+def stats(
+    model: str,
+    images: tuple[str, ...],
+    layer_names: tuple[str, ...],
+    bins: int,
+    run: StatsArgs,
+    tensorboard_dir: Path | None,
+    model_args: ModelArgs,
+) -> None:
     """Activation statistics per layer over all images: mean, std, min, max, zeros, dead channels, histogram.
 
     A zero is a value a ReLU would zero (<= 0); a dead channel is never > 0 on any
@@ -230,9 +302,15 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
 
         writer = summary_writer(tensorboard_dir)
     with writer if writer is not None else nullcontext():  # closed however the run ends
-        records = run_job([(path, stems[path]) for path in paths], loaded, StatsJob(loaded, collector), crop=run.crop,
-                          batch_size=run.batch_size or default_batch_size(loaded.device), max_pixels=run.max_pixels,
-                          workers=run.workers if run.workers is not None else default_workers(len(paths), run.batch_size))
+        records = run_job(
+            [(path, stems[path]) for path in paths],
+            loaded,
+            StatsJob(loaded, collector),
+            crop=run.crop,
+            batch_size=run.batch_size or default_batch_size(loaded.device),
+            max_pixels=run.max_pixels,
+            workers=run.workers if run.workers is not None else default_workers(len(paths), run.batch_size),
+        )
         counts = report_records(records, len(paths), quiet=run.quiet, print_outputs=False)
         if collector.images == 0:
             raise UsageError("no image could be read; nothing to measure")
@@ -255,14 +333,21 @@ def stats(model: str, images: tuple[str, ...], layer_names: tuple[str, ...], bin
 @main.command()
 @click.argument("model")
 @click.argument("image")
-@click.option("-c", "--class", "class_value", metavar="C", help="Class whose score is backpropagated (default: the top-1 prediction).")
+@click.option(
+    "-c",
+    "--class",
+    "class_value",
+    metavar="C",
+    help="Class whose score is backpropagated (default: the top-1 prediction).",
+)
 @crop_option
 @click.option("--json", "as_json", is_flag=True, help="Print the trace as one JSON object.")
 @quiet_option
 @model_options
 @reports_errors
-def trace(model: str, image: str, class_value: str | None, crop: bool, as_json: bool, quiet: bool,
-          model_args: ModelArgs) -> None:
+def trace(
+    model: str, image: str, class_value: str | None, crop: bool, as_json: bool, quiet: bool, model_args: ModelArgs
+) -> None:
     """Print every module's forward inputs and outputs, then the gradients flowing back, for one image.
 
     Forward rows come in execution order with shapes and value ranges; backward
@@ -281,10 +366,13 @@ def trace(model: str, image: str, class_value: str | None, crop: bool, as_json: 
     loaded = load(model, model_args, quiet)
     class_index = loaded.class_index(class_value) if class_value is not None else None
     prepared = prepare_image(Path(image), Path(image).stem, loaded.preprocessing, crop)  # InputError: exit 1
-    result = trace_model(loaded.module, model_batch([prepared], loaded), class_index=class_index,
-                         output_key=loaded.output_key)
+    result = trace_model(
+        loaded.module, model_batch([prepared], loaded), class_index=class_index, output_key=loaded.output_key
+    )
     click.echo(json.dumps(result.as_json()) if as_json else format_trace(result))
     if not quiet:
         label = loaded.label(result.classes[0])
-        note(f"traced {len(result.forward)} module calls and {len(result.backward)} gradients "
-             f"for class {result.classes[0]} ({label})")
+        note(
+            f"traced {len(result.forward)} module calls and {len(result.backward)} gradients "
+            f"for class {result.classes[0]} ({label})"
+        )

@@ -12,9 +12,10 @@ Nothing here imports torch: ``hookviz --help`` must answer at once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -89,25 +90,65 @@ class ModelArgs:
     output_key: str | None
 
 
-model_options = option_group(ModelArgs, "model_args", [
-    click.option("--weights", default="DEFAULT", show_default=True, metavar="DEFAULT|NAME|none",
-                 help="torchvision weights: DEFAULT, an enum member such as IMAGENET1K_V2, or none for random weights."),
-    click.option("--arch", metavar="NAME", help="torchvision architecture of a state_dict file (detected when omitted)."),
-    click.option("--state-dict", type=click.Path(dir_okay=False), help="Weights for a package.module:callable MODEL."),
-    click.option("--trust", is_flag=True, help="Allow loading a pickled model, which runs code from the file."),
-    click.option("--size", callback=parse_size, metavar="N|HxW", help="Model input size (default: from the weights or the .pt2, else 224)."),
-    click.option("--mean", callback=parse_triple, metavar="R,G,B", help="Normalization mean (default: the weights', else ImageNet's)."),
-    click.option("--std", callback=parse_triple, metavar="R,G,B", help="Normalization std (default: the weights', else ImageNet's)."),
-    click.option("--labels", metavar="imagenet|FILE", help="Class names: imagenet, or a file with one name per line (default: the weights')."),
-    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"])),
-    click.option("--output", "output_key", metavar="KEY", help="Which part of a tuple/dict model output holds the logits."),
-])
+model_options = option_group(
+    ModelArgs,
+    "model_args",
+    [
+        click.option(
+            "--weights",
+            default="DEFAULT",
+            show_default=True,
+            metavar="DEFAULT|NAME|none",
+            help="torchvision weights: DEFAULT, an enum member such as IMAGENET1K_V2, or none for random weights.",
+        ),
+        click.option(
+            "--arch", metavar="NAME", help="torchvision architecture of a state_dict file (detected when omitted)."
+        ),
+        click.option(
+            "--state-dict", type=click.Path(dir_okay=False), help="Weights for a package.module:callable MODEL."
+        ),
+        click.option("--trust", is_flag=True, help="Allow loading a pickled model, which runs code from the file."),
+        click.option(
+            "--size",
+            callback=parse_size,
+            metavar="N|HxW",
+            help="Model input size (default: from the weights or the .pt2, else 224).",
+        ),
+        click.option(
+            "--mean",
+            callback=parse_triple,
+            metavar="R,G,B",
+            help="Normalization mean (default: the weights', else ImageNet's).",
+        ),
+        click.option(
+            "--std",
+            callback=parse_triple,
+            metavar="R,G,B",
+            help="Normalization std (default: the weights', else ImageNet's).",
+        ),
+        click.option(
+            "--labels",
+            metavar="imagenet|FILE",
+            help="Class names: imagenet, or a file with one name per line (default: the weights').",
+        ),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"])),
+        click.option(
+            "--output", "output_key", metavar="KEY", help="Which part of a tuple/dict model output holds the logits."
+        ),
+    ],
+)
 
 
 # Options that several groups and commands share, defined once.
 def out_dir_option(help: str) -> Callable[[F], F]:
-    return click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
-                        show_default=True, help=help)
+    return click.option(
+        "-o",
+        "--out-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("out"),
+        show_default=True,
+        help=help,
+    )
 
 
 def json_option(help: str) -> Callable[[F], F]:
@@ -118,16 +159,35 @@ def overwrite_option(help: str) -> Callable[[F], F]:
     return click.option("--overwrite", is_flag=True, help=help)
 
 
-crop_option = click.option("--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image.")
-batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), metavar="N",
-                                 help="Images per model call (default: 8 on CPU, 32 on CUDA).")
-workers_option = click.option("--workers", type=click.IntRange(min=0), metavar="N",
-                              help="Processes decoding images in the background (default for folders: one per core beyond two, up to 4).")
-max_pixels_option = click.option("--max-pixels", type=click.IntRange(min=1), metavar="N",
-                                 help="Refuse larger images as possible decompression bombs (default: Pillow's limit, about 89 million).")
+crop_option = click.option(
+    "--crop", is_flag=True, help="Use the weights' resize + center crop instead of the whole image."
+)
+batch_size_option = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Images per model call (default: 8 on CPU, 32 on CUDA).",
+)
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Processes decoding images in the background (default for folders: one per core beyond two, up to 4).",
+)
+max_pixels_option = click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Refuse larger images as possible decompression bombs (default: Pillow's limit, about 89 million).",
+)
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress or messages on stderr, except errors.")
-tensorboard_option = click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False, path_type=Path),
-                                  metavar="DIR", help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').")
+tensorboard_option = click.option(
+    "--tensorboard",
+    "tensorboard_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Also write TensorBoard events to DIR (pip install 'hookviz[tensorboard]').",
+)
 
 
 @dataclass(frozen=True)
@@ -149,21 +209,37 @@ class RunArgs:
     verbose: bool
 
 
-run_options = option_group(RunArgs, "run", [
-    out_dir_option("Output directory; each input gets DIR/<image-stem>/, and DIR/manifest.jsonl records the run."),
-    crop_option,
-    batch_size_option,
-    workers_option,
-    click.option("--shard", metavar="K/N", help="Process only the K-th of N slices of the sorted inputs (K from 1), e.g. for SLURM arrays."),
-    click.option("--skip-existing", is_flag=True, help="Skip inputs the manifest records as done with the same options (resume a killed run)."),
-    overwrite_option("Replace existing outputs (without it, existing outputs are an error)."),
-    click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails (default: report it and go on)."),
-    max_pixels_option,
-    click.option("--html", is_flag=True, help="Also write DIR/index.html, a gallery of every input's outputs in DIR."),
-    json_option("Print one JSON object per input on stdout (JSON Lines)."),
-    quiet_option,
-    click.option("-v", "--verbose", is_flag=True, help="One line per input and a timing summary on stderr."),
-])
+run_options = option_group(
+    RunArgs,
+    "run",
+    [
+        out_dir_option("Output directory; each input gets DIR/<image-stem>/, and DIR/manifest.jsonl records the run."),
+        crop_option,
+        batch_size_option,
+        workers_option,
+        click.option(
+            "--shard",
+            metavar="K/N",
+            help="Process only the K-th of N slices of the sorted inputs (K from 1), e.g. for SLURM arrays.",
+        ),
+        click.option(
+            "--skip-existing",
+            is_flag=True,
+            help="Skip inputs the manifest records as done with the same options (resume a killed run).",
+        ),
+        overwrite_option("Replace existing outputs (without it, existing outputs are an error)."),
+        click.option(
+            "--fail-fast", is_flag=True, help="Stop at the first input that fails (default: report it and go on)."
+        ),
+        max_pixels_option,
+        click.option(
+            "--html", is_flag=True, help="Also write DIR/index.html, a gallery of every input's outputs in DIR."
+        ),
+        json_option("Print one JSON object per input on stdout (JSON Lines)."),
+        quiet_option,
+        click.option("-v", "--verbose", is_flag=True, help="One line per input and a timing summary on stderr."),
+    ],
+)
 
 
 @dataclass(frozen=True)
@@ -180,16 +256,20 @@ class StatsArgs:
     quiet: bool
 
 
-stats_options = option_group(StatsArgs, "run", [
-    out_dir_option("Where stats.png (one histogram row per layer) is written."),
-    overwrite_option("Replace an existing DIR/stats.png."),
-    crop_option,
-    batch_size_option,
-    workers_option,
-    max_pixels_option,
-    json_option("Print one JSON object per layer (JSON Lines) instead of the table."),
-    quiet_option,
-])
+stats_options = option_group(
+    StatsArgs,
+    "run",
+    [
+        out_dir_option("Where stats.png (one histogram row per layer) is written."),
+        overwrite_option("Replace an existing DIR/stats.png."),
+        crop_option,
+        batch_size_option,
+        workers_option,
+        max_pixels_option,
+        json_option("Print one JSON object per layer (JSON Lines) instead of the table."),
+        quiet_option,
+    ],
+)
 
 
 @dataclass(frozen=True)
@@ -201,11 +281,34 @@ class TargetArgs:
     layer_name: str | None
 
 
-target_options = option_group(TargetArgs, "target", [
-    click.option("-c", "--class", "class_values", multiple=True, metavar="C",
-                 help="Class to explain: an index or a label name (repeatable; default: the top-1 prediction)."),
-    click.option("-k", "--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Explain the K most probable classes."),
-    click.option("-l", "--layer", "layer_name", metavar="NAME", help="Target layer (default: the last spatial layer; see 'hookviz layers')."),
-])
+target_options = option_group(
+    TargetArgs,
+    "target",
+    [
+        click.option(
+            "-c",
+            "--class",
+            "class_values",
+            multiple=True,
+            metavar="C",
+            help="Class to explain: an index or a label name (repeatable; default: the top-1 prediction).",
+        ),
+        click.option(
+            "-k",
+            "--top-k",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Explain the K most probable classes.",
+        ),
+        click.option(
+            "-l",
+            "--layer",
+            "layer_name",
+            metavar="NAME",
+            help="Target layer (default: the last spatial layer; see 'hookviz layers').",
+        ),
+    ],
+)
 
 method_option = click.option("-m", "--method", default="gradcam", show_default=True, type=click.Choice(CAM_METHODS))

@@ -10,8 +10,9 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -56,10 +57,16 @@ class Progress:
         self.bar: Any = None
 
     def __enter__(self) -> Progress:
-        stderr = click.get_text_stream("stderr")
+        stderr = sys.stderr  # (click.get_text_stream is deprecated; under CliRunner this is its stream too)
         if not self.hidden and stderr.isatty() and self.total > 1:
-            self.bar = click.progressbar(length=self.total, label="hookviz", file=stderr, show_eta=True, show_pos=True,
-                                         item_show_func=lambda _: f"{self.rate:.1f} images/s" if self.rate else None)
+            self.bar = click.progressbar(
+                length=self.total,
+                label="hookviz",
+                file=stderr,
+                show_eta=True,
+                show_pos=True,
+                item_show_func=lambda _: f"{self.rate:.1f} images/s" if self.rate else None,
+            )
             self.bar.__enter__()
         return self
 
@@ -73,7 +80,9 @@ class Progress:
         if self.bar is not None:
             click.echo("\r\033[K", nl=False, err=True)
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if self.bar is not None:
             self.bar.__exit__(kind, value, traceback)
 
@@ -90,8 +99,16 @@ class Counts(dict[str, int]):
         return time.perf_counter() - self.started
 
 
-def report_records(records: Iterator[Any], total: int, *, quiet: bool, verbose: bool = False, as_json: bool = False,
-                   print_outputs: bool = True, fail_fast: bool = False) -> Counts:
+def report_records(
+    records: Iterator[Any],
+    total: int,
+    *,
+    quiet: bool,
+    verbose: bool = False,
+    as_json: bool = False,
+    print_outputs: bool = True,
+    fail_fast: bool = False,
+) -> Counts:
     """Consume ``records`` (pipeline.Record), telling the user about each; return the counts per status.
 
     stdout gets each record as JSON (``as_json``) or its PNG paths (``print_outputs``);
@@ -129,5 +146,7 @@ def summary_line(counts: Counts, out_dir: Any) -> str:
     done = counts["ok"] + counts["error"]
     elapsed = counts.elapsed
     rate = f" ({done / elapsed:.1f} images/s)" if done and elapsed > 0 else ""
-    return (f"{counts['ok']} ok, {counts['error']} failed, {counts['skipped']} skipped "
-            f"in {elapsed:.1f} s{rate}; outputs under {out_dir}/")
+    return (
+        f"{counts['ok']} ok, {counts['error']} failed, {counts['skipped']} skipped "
+        f"in {elapsed:.1f} s{rate}; outputs under {out_dir}/"
+    )

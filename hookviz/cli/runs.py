@@ -42,8 +42,9 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
     classes = list(dict.fromkeys(loaded.class_index(value) for value in target.class_values))
     layer = target.layer_name
     if layer is None:
-        layer = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device,
-                             batch=loaded.fixed_batch or 1).default_cam_layer()
+        layer = trace_layers(
+            loaded.module, loaded.preprocessing.input_size, loaded.device, batch=loaded.fixed_batch or 1
+        ).default_cam_layer()
         if layer is None:
             raise UsageError("the model has no layer with a spatial output to explain; name one with -l")
         if not quiet:
@@ -59,16 +60,27 @@ def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunAr
 
     paths = collect_inputs(images)
     workers = run.workers if run.workers is not None else default_workers(len(paths), run.batch_size)
-    options = BatchOptions(out_dir=run.out_dir, batch_size=run.batch_size, workers=workers, crop=run.crop,
-                           shard=parse_shard(run.shard) if run.shard else None, skip_existing=run.skip_existing,
-                           overwrite=run.overwrite, max_pixels=run.max_pixels, argv=sys.argv[1:])
+    options = BatchOptions(
+        out_dir=run.out_dir,
+        batch_size=run.batch_size,
+        workers=workers,
+        crop=run.crop,
+        shard=parse_shard(run.shard) if run.shard else None,
+        skip_existing=run.skip_existing,
+        overwrite=run.overwrite,
+        max_pixels=run.max_pixels,
+        argv=sys.argv[1:],
+    )
     planned = plan_batch(paths, loaded, job, options)
     verbose = run.verbose and not run.quiet
     if verbose:
-        note(f"{planned.total} input(s), batch size {planned.header['batch_size']}, {workers} decoding worker(s), "
-             f"{len(planned.skipped)} already done")
-    counts = report_records(planned.records, planned.total, quiet=run.quiet, verbose=verbose, as_json=run.as_json,
-                            fail_fast=run.fail_fast)
+        note(
+            f"{planned.total} input(s), batch size {planned.header['batch_size']}, {workers} decoding worker(s), "
+            f"{len(planned.skipped)} already done"
+        )
+    counts = report_records(
+        planned.records, planned.total, quiet=run.quiet, verbose=verbose, as_json=run.as_json, fail_fast=run.fail_fast
+    )
     if not run.quiet:
         note(summary_line(counts, options.out_dir))
     if verbose:

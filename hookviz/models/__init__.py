@@ -121,7 +121,9 @@ def load_model(
         if path.is_dir():
             raise UsageError(f"model {spec!r} is a directory; pass a model file or a torchvision model name")
         if state_dict is not None:
-            raise UsageError("--state-dict goes with a package.module:callable MODEL; a file MODEL already holds weights")
+            raise UsageError(
+                "--state-dict goes with a package.module:callable MODEL; a file MODEL already holds weights"
+            )
         loaded = files.load_file(path, arch=arch, trust=trust)
     elif _looks_like_path(spec):
         raise UsageError(f"model file not found: {spec}")

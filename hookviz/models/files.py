@@ -13,8 +13,9 @@ import os
 import pickle
 import sys
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,10 +48,14 @@ def load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
             ) from None
         return _load_pickled_module(path)
     except Exception as exc:
-        raise UsageError(f"cannot read {path} as a PyTorch file ({type(exc).__name__}); pass a .pt/.pth state_dict, a .pt2 export, or a model name") from None
+        raise UsageError(
+            f"cannot read {path} as a PyTorch file ({type(exc).__name__}); pass a .pt/.pth state_dict, a .pt2 export, or a model name"
+        ) from None
     state = unwrap_state_dict(obj)
     if state is None:
-        raise UsageError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; save model.state_dict() or export to .pt2")
+        raise UsageError(
+            f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; save model.state_dict() or export to .pt2"
+        )
     if arch is not None:
         return build_arch(arch, state, str(path), detected=False)
     found = detect_torchvision_arch(state)
@@ -81,7 +86,7 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
                 return unwrap_state_dict(obj[key])
         return None
     if all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -113,8 +118,10 @@ def _export_load_error(path: Path, exc: Exception, messages: list[str], trust: b
     if not zipfile.is_zipfile(path):
         return f"{path} is not a torch.export .pt2 archive (not a zip file); save one with torch.export.save"
     if not trust and "Weights only load failed" in details:
-        return (f"{path} holds pickled Python objects and loading them would run code from the file; "
-                "if you trust its source re-run with --trust, else re-export it without custom objects")
+        return (
+            f"{path} holds pickled Python objects and loading them would run code from the file; "
+            "if you trust its source re-run with --trust, else re-export it without custom objects"
+        )
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return f"cannot load {path} as a torch.export program ({type(exc).__name__}: {first})"
 
@@ -178,7 +185,9 @@ def _load_pickled_module(path: Path) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise UsageError(f"cannot unpickle {path} ({type(exc).__name__}: {exc}); the classes it needs must be importable") from None
+        raise UsageError(
+            f"cannot unpickle {path} ({type(exc).__name__}: {exc}); the classes it needs must be importable"
+        ) from None
     if not isinstance(obj, nn.Module):
         raise UsageError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
     return LoadedModel(obj, str(path), f"pickled {type(obj).__name__} from {path}")

@@ -9,7 +9,8 @@ New zoos (timm, Hugging Face) plug in here.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -81,8 +82,9 @@ def load_torchvision(name: str, weights: str) -> LoadedModel:
 @contextlib.contextmanager
 def _skip_weight_init() -> Iterator[None]:
     """Build a model without running torch.nn.init: shapes are all we need, and init is the slow part."""
-    import torch.nn.init as init
     from unittest import mock
+
+    import torch.nn.init as init
 
     names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
     with contextlib.ExitStack() as stack:
@@ -133,19 +135,30 @@ def build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detected
         raise UsageError(f"--arch {arch!r} is not a torchvision classification model" + did_you_mean(arch, names))
     num_classes = _classifier_size(state)
     try:
-        module = get_model(arch, weights=None, num_classes=num_classes) if num_classes else get_model(arch, weights=None)
+        module = (
+            get_model(arch, weights=None, num_classes=num_classes) if num_classes else get_model(arch, weights=None)
+        )
         module.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__  # line 0 only names the class
+        detail = (
+            lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__
+        )  # line 0 only names the class
         detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise UsageError(f"{spec} does not fit --arch {arch} ({detail}); check --arch, or export the model to .pt2") from None
+        raise UsageError(
+            f"{spec} does not fit --arch {arch} ({detail}); check --arch, or export the model to .pt2"
+        ) from None
     reference = get_model_weights(arch).DEFAULT
     categories = reference.meta.get("categories")
     labels = list(categories) if categories and num_classes in (None, len(categories)) else None
     how = "detected" if detected else "given"
-    return LoadedModel(module, spec, f"state_dict {spec} as torchvision {arch} ({how}, {num_classes or 1000} classes)",
-                       weights_preprocessing(reference), labels)
+    return LoadedModel(
+        module,
+        spec,
+        f"state_dict {spec} as torchvision {arch} ({how}, {num_classes or 1000} classes)",
+        weights_preprocessing(reference),
+        labels,
+    )
 
 
 def _classifier_size(state: Mapping[str, torch.Tensor]) -> int | None:
