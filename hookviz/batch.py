@@ -69,6 +69,8 @@ def shard_of(paths: Sequence[Path], k: int, n: int) -> list[Path]:
 
 @dataclass
 class BatchOptions:
+    """How a batch run reads, batches and writes (the CLI's run options, as the library takes them)."""
+
     out_dir: Path
     batch_size: int | None = None  # None: default_batch_size for the model's device
     workers: int = 0

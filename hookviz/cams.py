@@ -163,11 +163,21 @@ def compute_cams(
 ) -> CamBatch:
     """Explain ``classes`` (or each image's top-k predictions) for a batch of model inputs at ``layer``.
 
-    A layer that runs several times per forward pass is explained at its last call;
-    pass ``layer_calls`` (the ``CamBatch.layer_calls`` of an earlier batch) so that
-    autograd does not record the calls before it. ``fixed_batch``: the model takes
-    exactly that many inputs (a .pt2 exported with a static batch), for Score-CAM's
-    own forward passes.
+    Args:
+        model: any ``nn.Module``; left as it was (modes, ``.grad``, hooks) whatever happens.
+        batch: model inputs (B, C, H, W), on the model's device.
+        layer: a ``named_modules()`` name whose output is a map (N, C, h, w), tokens or channels-last.
+        method: one of ``METHODS``.
+        classes: class indices to explain for every image; None for each image's ``top_k`` predictions.
+        output_key: which part of a tuple/dict output holds the class scores (see ``select_logits``).
+        score_batch_size: masked inputs per forward pass for Score-CAM.
+        layer_calls: for a layer that runs several times per forward pass, the ``CamBatch.layer_calls``
+            of an earlier batch, so that autograd does not record the calls before the last one.
+        fixed_batch: the model takes exactly that many inputs (a .pt2 exported with a static batch),
+            for Score-CAM's own forward passes.
+
+    Returns:
+        ``CamBatch``: maps (B, K, h, w) >= 0, not normalized, with the classes and probabilities.
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")

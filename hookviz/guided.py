@@ -85,6 +85,8 @@ def gradient_image(gradient: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GuidedBatch:
+    """Guided backprop and guided Grad-CAM gradients for a batch; ``[b, k]`` explains ``classes[b, k]``."""
+
     guided: torch.Tensor  # (B, K, 3, H, W) guided-backprop gradients at the model's input resolution
     guided_gradcam: torch.Tensor  # (B, K, 3, H, W) the same, weighted by the upsampled Grad-CAM map
     classes: torch.Tensor

@@ -33,6 +33,8 @@ from .stats import StatsCollector
 
 @dataclass
 class FmapOptions:
+    """What ``FmapJob`` draws and where it writes."""
+
     out_dir: Path
     layers: list[str]
     max_channels: int = 64
@@ -47,6 +49,8 @@ class FmapOptions:
 
 @dataclass
 class LayerMaps:
+    """One layer's part of a batch's result, on the CPU, for the writer thread."""
+
     maps: torch.Tensor  # (B, k, h, w) the channels to draw, on the CPU
     channels: torch.Tensor  # (B, k) their indices
     shape: tuple[int, ...]  # (C, h, w) of the layer's output
@@ -136,6 +140,8 @@ class FmapJob:
 
 @dataclass
 class CamOptions:
+    """What ``CamJob`` and ``GuidedJob`` explain and how they draw it."""
+
     out_dir: Path
     layer: str
     method: str = "gradcam"

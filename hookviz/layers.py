@@ -15,6 +15,8 @@ from .tables import format_table
 
 @dataclass
 class LayerInfo:
+    """One module of a traced model."""
+
     name: str
     type: str
     output_shape: tuple[int, ...] | None  # None when the module did not run in the traced forward
@@ -55,6 +57,7 @@ def _exported_layer(module: nn.Module, weight_dim: int, ops: tuple[str, ...], fa
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:
+    """Every 2-D convolution of ``model``, in ``named_modules()`` order."""
     return [name for name, module in model.named_modules() if name and is_conv_layer(module)]
 
 

@@ -53,6 +53,7 @@ def _unique(names: list[str], sources: list[str]) -> list[str]:
 
 
 def prepare_output_dir(directory: Path) -> Path:
+    """Create ``directory`` if needed; a UsageError naming ``-o`` if it cannot be created or written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

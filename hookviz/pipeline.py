@@ -32,6 +32,8 @@ WRITES_IN_FLIGHT = 2  # batches handed to the writer and not yet reported; bound
 
 @dataclass
 class PreparedImage:
+    """A decoded input: the original pixels (overlays are drawn on them) and the model input made from them."""
+
     path: Path
     stem: str  # the input's own output directory name
     pixels: torch.Tensor  # the original as uint8 (3, H, W), RGB, EXIF-oriented: overlays are drawn on it
@@ -94,6 +96,7 @@ class Timings:
 def prepare_image(
     path: Path, stem: str, preprocessing: Preprocessing, crop: bool, max_pixels: int | None = None
 ) -> PreparedImage:
+    """Decode ``path`` and make its model input; ``stem`` names its output folder. Raises InputError."""
     image = load_image(path, max_pixels=max_pixels)
     return PreparedImage(
         path=path,

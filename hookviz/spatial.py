@@ -22,6 +22,8 @@ MAX_PREFIX_TOKENS = 2  # class token, plus a distillation token in DeiT-style mo
 
 @dataclass(frozen=True)
 class Layout:
+    """How an output reads as a (N, C, h, w) map: its kind and the map's height and width."""
+
     kind: str  # "nchw", "nhwc" or "tokens"
     height: int
     width: int

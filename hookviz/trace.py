@@ -81,6 +81,8 @@ class TraceEvent:
 
 @dataclass
 class Trace:
+    """The events of one traced forward and backward pass, the classes explained, and the input's gradient."""
+
     events: list[TraceEvent]
     classes: list[int]  # the class whose logit was backpropagated, per image
     score: float  # the sum over the batch of those logits
