@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Generator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import HookvizError, UsageError
+from .locks import RunClaim, claimed
 from .manifest import Manifest, jsonable, options_key, versions
 from .models import LoadedModel
-from .output import TEMPORARY_SUFFIX, output_stems, prepare_output_dir
+from .output import TEMPORARY_SUFFIX, input_identity, output_stems, prepare_output_dir
 from .pipeline import Job, Record, Timings, run_job
 
 
@@ -91,30 +93,83 @@ class BatchRun:
     header: dict[str, Any]
     records: Generator[Record, None, None]
     timings: Timings = field(default_factory=Timings)
+    claim: ExitStack = field(default_factory=ExitStack)  # the run's lock on its outputs (locks.claimed)
 
     @property
     def total(self) -> int:
         return len(self.inputs)
+
+    def close(self) -> None:
+        """Stop the run (if it is still going) and release its claim on the output folder."""
+        self.records.close()
+        self.claim.close()
 
 
 def plan_batch(paths: Sequence[Path], loaded: LoadedModel, job: Job, options: BatchOptions) -> BatchRun:
     """Check the run can go ahead (shard, existing outputs), write the manifest header, and return the run."""
     if options.skip_existing and options.overwrite:
         raise UsageError("give either --skip-existing or --overwrite, not both")
-    stems = output_stems(paths)  # over all inputs, so every shard names outputs the same way
     inputs = shard_of(paths, *options.shard) if options.shard else list(paths)
     out_dir = prepare_output_dir(options.out_dir)
     manifest = Manifest(out_dir)
+    if manifest.path.is_symlink():
+        raise UsageError(f"{manifest.path} is a symbolic link; hookviz does not write through links inside -o")
     key = options_key(job.command, loaded.spec, loaded.preprocessing, options.crop, job.settings())
-    skipped = manifest.completed(key) if options.skip_existing else {}
-    to_run = [path for path in inputs if str(path) not in skipped]
-    if not (options.skip_existing or options.overwrite):
-        _refuse_overwrite(to_run, stems, out_dir, job.output_patterns())
-    _remove_temporaries(inputs, stems, out_dir)
-    batch_size = options.batch_size or default_batch_size(loaded.device)
-    header = {
+    run = uuid.uuid4().hex[:12]
+    patterns = tuple(job.output_patterns())
+    claim = ExitStack()
+    # From here until the run ends no other run can write these outputs: checking for existing files,
+    # removing temporaries and writing cannot race another run's.
+    claim.enter_context(claimed(out_dir, RunClaim(key, options.shard, patterns, run, job.command)))
+    try:
+        # Over all inputs, so every shard names outputs the same way; folders of earlier runs stay their inputs'.
+        stems = output_stems(paths, manifest.folder_owners())
+        identities = {path: input_identity(path) for path in inputs}
+        skipped = manifest.completed(key) if options.skip_existing else {}
+        to_run = [path for path in inputs if identities[path] not in skipped]
+        _refuse_links(to_run, stems, out_dir)
+        if not (options.skip_existing or options.overwrite):
+            _refuse_overwrite(to_run, stems, out_dir, list(patterns))
+        _remove_temporaries(inputs, stems, out_dir, patterns)
+        header = _header(run, key, loaded, job, options, inputs, skipped=len(inputs) - len(to_run))
+        try:
+            manifest.append(header)
+        except HookvizError as exc:
+            raise UsageError(str(exc)) from None
+    except BaseException:
+        claim.close()
+        raise
+    timings = Timings()
+    computed = run_job(
+        [(path, stems[path]) for path in to_run],
+        loaded,
+        job,
+        crop=options.crop,
+        batch_size=header["batch_size"],
+        workers=options.workers,
+        max_pixels=options.max_pixels,
+        timings=timings,
+    )
+    records = _in_input_order(
+        inputs,
+        {path: skipped.get(identities[path]) for path in inputs},
+        computed,
+        manifest,
+        run,
+        stems,
+        identities,
+        claim,
+    )
+    done_before = {str(path): skipped[identities[path]] for path in inputs if identities[path] in skipped}
+    return BatchRun(inputs=inputs, skipped=done_before, header=header, records=records, timings=timings, claim=claim)
+
+
+def _header(
+    run: str, key: str, loaded: LoadedModel, job: Job, options: BatchOptions, inputs: list[Path], skipped: int
+) -> dict[str, Any]:
+    return {
         "type": "run",
-        "run": uuid.uuid4().hex[:12],
+        "run": run,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **versions(),
         "command": job.command,
@@ -125,40 +180,32 @@ def plan_batch(paths: Sequence[Path], loaded: LoadedModel, job: Job, options: Ba
         "crop": options.crop,
         "settings": job.settings(),
         "key": key,
-        "batch_size": batch_size,
+        "batch_size": options.batch_size or default_batch_size(loaded.device),
         "workers": options.workers,
         "shard": "/".join(map(str, options.shard)) if options.shard else None,
         "inputs": len(inputs),
-        "skipped": len(inputs) - len(to_run),
+        "skipped": skipped,
         "argv": options.argv,
     }
-    manifest.append(header)
-    timings = Timings()
-    computed = run_job(
-        [(path, stems[path]) for path in to_run],
-        loaded,
-        job,
-        crop=options.crop,
-        batch_size=batch_size,
-        workers=options.workers,
-        max_pixels=options.max_pixels,
-        timings=timings,
-    )
-    records = _in_input_order(inputs, skipped, computed, manifest, header["run"])
-    return BatchRun(inputs=inputs, skipped=skipped, header=header, records=records, timings=timings)
 
 
 def _in_input_order(
     inputs: list[Path],
-    skipped: dict[str, dict[str, Any]],
+    skipped: dict[Path, dict[str, Any] | None],
     computed: Generator[Record, None, None],
     manifest: Manifest,
     run: str,
+    stems: dict[Path, str],
+    identities: dict[Path, str],
+    claim: ExitStack,
 ) -> Generator[Record, None, None]:
-    """Skipped inputs' records where they belong among the computed ones; each appended to the manifest."""
+    """Skipped inputs' records where they belong among the computed ones; each appended to the manifest.
+
+    The run's claim on the output folder is released when the last record is out (or the run stops).
+    """
     try:
         for path in inputs:
-            earlier = skipped.get(str(path))
+            earlier = skipped.get(path)
             if earlier is not None:
                 record = Record(
                     input=str(path),
@@ -167,24 +214,44 @@ def _in_input_order(
                     extra={
                         key: value
                         for key, value in earlier.items()
-                        if key not in ("type", "run", "input", "status", "error", "outputs")
+                        if key
+                        not in ("type", "run", "input", "status", "error", "outputs", "identity", "folder", "key")
                     },
                 )
             else:
                 record = next(computed)
+            record.identity, record.folder = identities[path], stems[path]
             manifest.append({"type": "input", "run": run, **record.as_json()})
             yield record
     finally:
         computed.close()
+        claim.close()
 
 
-def _remove_temporaries(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path) -> None:
-    """Temporary files a killed run left in the folders this run writes (see output.write_png)."""
+def _remove_temporaries(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path, patterns: Sequence[str]) -> None:
+    """Temporary files that a killed run writing these outputs left in the folders this run writes.
+
+    Only the temporaries of this run's own file names (output.atomic_write names them
+    ``.<name>.<random>.tmp``): another live run may be writing other files there, and no
+    live run writes these (locks.claimed).
+    """
     for path in paths:
         folder = out_dir / stems[path]
-        if folder.is_dir():
-            for temporary in folder.glob(f".*{TEMPORARY_SUFFIX}"):
-                temporary.unlink(missing_ok=True)
+        if folder.is_dir() and not folder.is_symlink():
+            for pattern in patterns:
+                for temporary in folder.glob(f".{pattern}.*{TEMPORARY_SUFFIX}"):
+                    temporary.unlink(missing_ok=True)
+
+
+def _refuse_links(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path) -> None:
+    """Outputs never escape -o: an input folder that is a symbolic link is refused, not followed."""
+    for path in paths:
+        folder = out_dir / stems[path]
+        if folder.is_symlink():
+            raise UsageError(
+                f"{folder} is a symbolic link; hookviz does not write through links inside -o "
+                "(remove it, or choose another -o)"
+            )
 
 
 def _refuse_overwrite(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path, patterns: list[str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from .errors import HookvizError
 
 MANIFEST_NAME = "manifest.jsonl"
 DONE = ("ok", "skipped")
@@ -42,13 +45,23 @@ class Manifest:
         self.path = directory / MANIFEST_NAME
 
     def append(self, entry: dict[str, Any]) -> None:
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """Append ``entry`` as one line; a HookvizError (exit 1) naming the file if it cannot be written."""
+        line = (json_line(entry) + "\n").encode("utf-8")
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)  # parallel shards append whole lines, never interleaved bytes
-            os.write(descriptor, line)
-        finally:
-            os.close(descriptor)  # closing releases the lock
+            # O_NOFOLLOW: a symbolic link planted at DIR/manifest.jsonl must not redirect the appends.
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)  # parallel shards append whole lines, never interleaved bytes
+                os.write(descriptor, line)
+            finally:
+                os.close(descriptor)  # closing releases the lock
+        except OSError as exc:
+            reason = (
+                "a symbolic link, which hookviz does not write through"
+                if self.path.is_symlink()
+                else ("a directory" if self.path.is_dir() else exc.strerror or str(exc))
+            )
+            raise HookvizError(f"cannot write {self.path} ({reason}); free the disk or choose another -o") from None
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Every readable line; a line cut short by a full disk is ignored."""
@@ -65,18 +78,66 @@ class Manifest:
             return
 
     def completed(self, key: str) -> dict[str, dict[str, Any]]:
-        """Inputs that a run with these options finished, whose output files all still exist."""
-        runs: set[Any] = set()
+        """Inputs (by identity, see output.input_identity) that a run with these options finished, whose output
+        files all still exist, in the folder the input owns."""
         done: dict[str, dict[str, Any]] = {}
-        for entry in self.entries():
-            if entry.get("type") == "run" and entry.get("key") == key:
-                runs.add(entry.get("run"))
-            elif entry.get("type") == "input" and entry.get("run") in runs:
-                if entry.get("status") in DONE and _outputs_exist(entry.get("outputs", [])):
-                    done[entry["input"]] = entry
-                elif entry.get("status") == "error":
-                    done.pop(entry["input"], None)
+        for entry in self.input_entries():
+            if entry["key"] != key:
+                continue
+            if entry.get("status") in DONE and _outputs_exist(entry.get("outputs", [])):
+                done[entry["identity"]] = entry
+            elif entry.get("status") == "error":
+                done.pop(entry["identity"], None)
         return done
+
+    def folder_owners(self) -> dict[str, str]:
+        """Output folder name -> identity of the input whose outputs it holds, from every run recorded."""
+        owners: dict[str, str] = {}
+        for entry in self.input_entries():
+            if entry.get("status") in DONE and entry.get("folder"):
+                owners.setdefault(entry["folder"], entry["identity"])
+        return owners
+
+    def input_entries(self) -> Iterator[dict[str, Any]]:
+        """Every input record, with its run's ``key`` and its ``identity`` and ``folder`` filled in.
+
+        Records of older versions lack identity and folder: the identity is then the recorded
+        path resolved now, and the folder the one holding its outputs.
+        """
+        keys: dict[Any, Any] = {}
+        for entry in self.entries():
+            if entry.get("type") == "run":
+                keys[entry.get("run")] = entry.get("key")
+            elif entry.get("type") == "input" and isinstance(entry.get("input"), str):
+                entry.setdefault("key", keys.get(entry.get("run")))
+                if not entry.get("identity"):
+                    entry["identity"] = os.path.realpath(entry["input"])
+                if not entry.get("folder"):
+                    outputs = entry.get("outputs") or []
+                    pngs = [Path(o["png"]).parent.name for o in outputs if isinstance(o, dict) and o.get("png")]
+                    entry["folder"] = pngs[0] if pngs else None
+                yield entry
+
+
+def json_line(entry: Any) -> str:
+    """``entry`` as one line of strict JSON.
+
+    Non-finite floats become null (strict parsers reject NaN); file names that are not
+    UTF-8 (bytes os.fsdecode kept as lone surrogates) become ``\\udcXX`` escapes, which
+    ``json.loads`` turns back into the same name.
+    """
+    text = json.dumps(_finite(entry), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _outputs_exist(outputs: list[dict[str, Any]]) -> bool:

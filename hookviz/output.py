@@ -27,29 +27,72 @@ def safe_name(text: str, limit: int = 120) -> str:
     return cleaned[:limit]
 
 
-def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
-    """A directory name per input: its stem, plus a short hash of the path where stems collide.
+# Joins a name and its disambiguating hash. safe_name never produces it, so a plain name (even a crafted
+# "cat~1863a7f7.jpg", whose "~" becomes "_") can never equal a disambiguated one.
+DISAMBIGUATOR = "~"
 
-    Computed over the whole input list, so two inputs never share a directory.
+
+def input_identity(path: Path | str) -> str:
+    """What makes two inputs the same file across runs: its absolute path with links resolved."""
+    return os.path.realpath(path)
+
+
+def output_stems(paths: Sequence[Path], owned: Mapping[str, str] | None = None) -> dict[Path, str]:
+    """A folder name per input, stable across runs into one output directory and never shared by two inputs.
+
+    ``owned`` maps folder names to the identity (``input_identity``) of the input that wrote
+    them in earlier runs (``Manifest.folder_owners``). An input keeps a folder it owns; else it
+    gets its file stem when no other input, in this run or an earlier one, has that stem; else
+    ``stem~hash`` of its identity. Computed over the whole input list, so every shard of a run
+    names each input's folder the same way.
     """
-    return dict(
-        zip(paths, _unique([safe_name(path.stem) for path in paths], [str(path) for path in paths]), strict=True)
-    )
+    owned = dict(owned or {})
+    identities = {path: input_identity(path) for path in paths}
+    stems = {path: safe_name(path.stem) for path in paths}
+    sharing: dict[str, set[str]] = {}
+    for path in paths:
+        sharing.setdefault(stems[path], set()).add(identities[path])
+    folder_of = {identity: folder for folder, identity in owned.items()}
+    taken = set(owned)
+    chosen: dict[str, str] = {}
+    for identity in sorted(set(identities.values())):  # sorted: the same names whatever order the inputs came in
+        if identity in folder_of:
+            chosen[identity] = folder_of[identity]
+    for path in sorted(paths, key=lambda p: identities[p]):
+        identity, stem = identities[path], stems[path]
+        if identity in chosen:
+            continue
+        if len(sharing[stem]) == 1 and stem not in taken:
+            name = stem
+        else:
+            name = _disambiguated(stem, identity, taken)
+        chosen[identity] = name
+        taken.add(name)
+    return {path: chosen[identities[path]] for path in paths}
+
+
+def _disambiguated(name: str, source: str, taken: set[str]) -> str:
+    digest = hashlib.sha1(source.encode("utf-8", "surrogateescape")).hexdigest()
+    for length in (8, 16, len(digest)):
+        candidate = f"{name}{DISAMBIGUATOR}{digest[:length]}"
+        if candidate not in taken:
+            return candidate
+    raise ValueError(f"no free name for {source!r}")  # a SHA-1 collision
 
 
 def layer_file_names(layers: Sequence[str]) -> dict[str, str]:
     """A file-name part per layer name; ``stem/conv`` and ``stem_conv`` sanitize alike, so they get a hash suffix."""
-    return dict(zip(layers, _unique([safe_name(layer) for layer in layers], list(layers)), strict=True))
-
-
-def _unique(names: list[str], sources: list[str]) -> list[str]:
+    names = {layer: safe_name(layer) for layer in layers}
     counts: dict[str, int] = {}
-    for name in names:
+    for name in names.values():
         counts[name] = counts.get(name, 0) + 1
-    return [
-        name if counts[name] == 1 else f"{name}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
-        for name, source in zip(names, sources, strict=True)
-    ]
+    taken = {name for name, count in counts.items() if count == 1}
+    result = {}
+    for layer in layers:
+        name = names[layer]
+        result[layer] = name if counts[name] == 1 else _disambiguated(name, layer, taken)
+        taken.add(result[layer])
+    return result
 
 
 def prepare_output_dir(directory: Path) -> Path:
@@ -107,7 +150,8 @@ def write_png(image: Image.Image, path: Path, metadata: Mapping[str, str] | None
     """Write a PNG atomically, with text metadata (``hookviz:layer``, ...)."""
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
-        info.add_text(key, value)
+        # A file name that is not UTF-8 (lone surrogates from os.fsdecode) is kept as \udcXX escapes.
+        info.add_text(key, value.encode("utf-8", "backslashreplace").decode("utf-8"))
     with atomic_write(path) as handle:
         image.save(handle, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     return path

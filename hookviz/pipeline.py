@@ -55,9 +55,22 @@ class Record:
     error: str | None = None
     outputs: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    identity: str | None = None  # the input's resolved path: the same file across runs (output.input_identity)
+    folder: str | None = None  # the input's folder under the output directory
 
     def as_json(self) -> dict[str, Any]:
-        return {"input": self.input, "status": self.status, "error": self.error, **self.extra, "outputs": self.outputs}
+        """The record as printed with --json and appended to the manifest."""
+        where = {
+            key: value for key, value in (("identity", self.identity), ("folder", self.folder)) if value is not None
+        }
+        return {
+            "input": self.input,
+            **where,
+            "status": self.status,
+            "error": self.error,
+            **self.extra,
+            "outputs": self.outputs,
+        }
 
 
 class Job(Protocol):

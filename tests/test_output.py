@@ -55,5 +55,5 @@ def test_every_output_of_a_run_gets_the_permissions_of_the_users_umask(tmp_path,
 
     assert done.returncode == 0, done.stderr
     files = sorted(path for path in out.rglob("*") if path.is_file())
-    assert {path.suffix for path in files} == {".png", ".npy", ".jsonl", ".html"}
+    assert {path.suffix for path in files} == {".png", ".npy", ".jsonl", ".html", ".lock"}  # .lock: DIR/.hookviz/
     assert {path.name: mode(path) for path in files} == {path.name: 0o640 for path in files}

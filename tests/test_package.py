@@ -21,7 +21,7 @@ RANKS = {
     "forward": 1, "spatial": 1, "output": 1, "images": 1, "render": 1,
     "models": 2, "hooks": 2,
     "layers": 3, "cams": 3, "guided": 3, "fmaps": 3, "stats": 3, "trace": 3,
-    "pipeline": 4, "manifest": 4, "tensorboard": 4,
+    "pipeline": 4, "manifest": 4, "locks": 4, "tensorboard": 4,
     "jobs": 5, "batch": 5, "gallery": 5,
     "cli": 6, "demo": 6, "__init__": 6, "__main__": 6,
 }

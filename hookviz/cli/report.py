@@ -7,7 +7,7 @@ people goes to stderr.
 from __future__ import annotations
 
 import functools
-import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +15,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import click
+
+from ..manifest import json_line
 
 EXIT_INTERRUPTED = 130
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,10 +124,10 @@ def report_records(
                 counts[record.status] = counts.get(record.status, 0) + 1
                 progress.clear()
                 if as_json:
-                    click.echo(json.dumps(record.as_json()))
+                    click.echo(json_line(record.as_json()))
                 elif print_outputs and record.status == "ok":
                     for output in record.outputs:
-                        click.echo(output["png"])
+                        click.echo(os.fsencode(output["png"]))  # bytes: a name that is not UTF-8 prints as it is
                 if record.status == "error":
                     click.echo(f"hookviz: error: {record.error}", err=True)
                 elif verbose:

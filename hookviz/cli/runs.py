@@ -78,9 +78,17 @@ def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunAr
             f"{planned.total} input(s), batch size {planned.header['batch_size']}, {workers} decoding worker(s), "
             f"{len(planned.skipped)} already done"
         )
-    counts = report_records(
-        planned.records, planned.total, quiet=run.quiet, verbose=verbose, as_json=run.as_json, fail_fast=run.fail_fast
-    )
+    try:
+        counts = report_records(
+            planned.records,
+            planned.total,
+            quiet=run.quiet,
+            verbose=verbose,
+            as_json=run.as_json,
+            fail_fast=run.fail_fast,
+        )
+    finally:
+        planned.close()
     if not run.quiet:
         note(summary_line(counts, options.out_dir))
     if verbose:
