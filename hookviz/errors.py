@@ -45,3 +45,9 @@ def did_you_mean(
     if not matches:
         return ""
     return f"; did you mean {', '.join(repr(m) if quote else m for m in matches)}?"
+
+
+def shown(path: object) -> str:
+    """A path (or any name) for a one-line message: newlines, other control characters and bytes that are not
+    UTF-8 (lone surrogates from os.fsdecode) are escaped as Python would write them."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(path))

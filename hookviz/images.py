@@ -18,11 +18,14 @@ from typing import TextIO
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, shown
 from .preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 STDIN = "-"
+# --crop resizes the whole image before cropping (as torchvision does) up to this aspect ratio; longer strips
+# are resampled only where the crop keeps them.
+MAX_RESIZED_ASPECT = 8
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own default
 
 
@@ -79,9 +82,11 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
     path = Path(path)
     limit = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
     if not path.exists():
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{shown(path)}: file not found")
     if path.is_dir():
-        raise InputError(f"{path}: is a directory")
+        raise InputError(f"{shown(path)}: is a directory")
+    if not path.is_file():  # opening a FIFO would wait for a writer forever
+        raise InputError(f"{shown(path)}: not a regular file (a FIFO, socket or device); pass image files")
     try:
         with warnings.catch_warnings():
             # Pillow warns (rather than fails) on oversized images below 2x the limit: treat it as the error it is.
@@ -92,13 +97,13 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
                 return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
-            f"{path}: image has more than {limit:,} pixels, a possible decompression bomb; "
+            f"{shown(path)}: image has more than {limit:,} pixels, a possible decompression bomb; "
             f"if you trust it, raise the limit with --max-pixels"
         ) from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image hookviz can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
+        raise InputError(f"{shown(path)}: not an image hookviz can read (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise InputError(f"{path}: cannot decode image ({exc})") from None
+        raise InputError(f"{shown(path)}: cannot decode image ({exc})") from None
 
 
 @contextmanager
@@ -192,10 +197,25 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing, crop: bool = Fa
     resample = _RESAMPLE.get(preprocessing.interpolation, Image.Resampling.BILINEAR)
     height, width = preprocessing.input_size
     if crop:
-        resized = image.resize(_resized_shorter_side(image.width, image.height, preprocessing.resize_size), resample)
-        left = int(round((resized.width - width) / 2.0))
-        top = int(round((resized.height - height) / 2.0))
-        model_image = resized.crop((left, top, left + width, top + height))
+        resized_size = _resized_shorter_side(image.width, image.height, preprocessing.resize_size)
+        if resized_size[0] * resized_size[1] <= MAX_RESIZED_ASPECT * preprocessing.resize_size**2:
+            # Exactly the weights' own transform (tests compare with torchvision's to 1e-5).
+            resized = image.resize(resized_size, resample)
+            left = int(round((resized.width - width) / 2.0))
+            top = int(round((resized.height - height) / 2.0))
+            model_image = resized.crop((left, top, left + width, top + height))
+        else:
+            # A long strip: resizing all of it first would take memory without bound (a 1x200000 PNG resized to
+            # 256 px on its short side is 40 GB). Resample only the region the crop keeps, straight to the model's
+            # size: the same sampling positions and filter (Pillow's filters reach past the box into the image),
+            # equal up to one intensity level in a few pixels.
+            box = model_view(image.size, preprocessing, crop=True).box
+            if min(box[2] - box[0], box[3] - box[1]) < 1:
+                raise InputError(
+                    f"a {image.width}x{image.height} image is too narrow for --crop: the centre crop would keep "
+                    "less than one pixel of its short side; run without --crop"
+                )
+            model_image = image.resize((width, height), resample, box=box)
     else:
         model_image = image.resize((width, height), resample)
     pixels = image_to_tensor(model_image).float().div_(255.0)

@@ -12,6 +12,11 @@ A bad image becomes an error record and the others go on; a usage error stops th
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
@@ -22,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, shown
 from .images import ModelView, image_to_tensor, load_image, model_view, preprocess
 from .models import LoadedModel
 from .preprocessing import Preprocessing
@@ -111,11 +116,15 @@ def prepare_image(
 ) -> PreparedImage:
     """Decode ``path`` and make its model input; ``stem`` names its output folder. Raises InputError."""
     image = load_image(path, max_pixels=max_pixels)
+    try:
+        tensor = preprocess(image, preprocessing, crop=crop)
+    except InputError as exc:
+        raise InputError(f"{shown(path)}: {exc}") from None
     return PreparedImage(
         path=path,
         stem=stem,
         pixels=image_to_tensor(image),
-        tensor=preprocess(image, preprocessing, crop=crop),
+        tensor=tensor,
         view=model_view(image.size, preprocessing, crop=crop),
     )
 
@@ -144,6 +153,27 @@ class _PreparedImages(torch.utils.data.Dataset):
         return prepared
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_started(parent: int, worker_id: int) -> None:
+    """In each decoding worker: die with the parent process, and leave Ctrl-C to it.
+
+    A worker blocked writing to a full pipe never reaches DataLoader's own check that its
+    parent lives, so a parent killed with SIGKILL left it running forever; the kernel's
+    parent-death signal ends it wherever it is. Ctrl-C reaches the whole process group:
+    the parent stops its workers itself, and a worker's own KeyboardInterrupt was a traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was set up
+        os._exit(0)
+
+
 def _as_is(item: Any) -> Any:  # DataLoader's collate step for one item at a time; module-level so workers can pickle it
     return item
 
@@ -163,7 +193,12 @@ def prepared_images(
         yield from (dataset[i] for i in range(len(dataset)))
         return
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, collate_fn=_as_is, num_workers=workers, prefetch_factor=max(2, prefetch // workers)
+        dataset,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=workers,
+        prefetch_factor=max(2, prefetch // workers),
+        worker_init_fn=functools.partial(_worker_started, os.getpid()),
     )
     for item in loader:
         if isinstance(item, PreparedImage):
@@ -267,7 +302,9 @@ def _write_one(job: Job, item: PreparedImage, index: int, result: Any) -> Record
         return job.write(item, index, result)
     except OSError as exc:  # disk full, permissions: this input failed, the run goes on
         return Record(
-            input=str(item.path), status="error", error=f"{item.path}: cannot write outputs ({exc.strerror or exc})"
+            input=str(item.path),
+            status="error",
+            error=f"{shown(item.path)}: cannot write outputs ({exc.strerror or exc})",
         )
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -18,7 +21,14 @@ import click
 
 from ..manifest import json_line
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (SLURM, Kubernetes and `timeout` send it first): stop as on Ctrl-C."""
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -41,14 +51,42 @@ def reports_errors(command: F) -> F:
         from ..errors import HookvizError
 
         try:
-            return command(*args, **kwargs)
+            with stopping_on_signals():
+                return command(*args, **kwargs)
         except HookvizError as exc:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             note("interrupted")
             sys.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            note("terminated")
+            sys.exit(EXIT_TERMINATED)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """For the block, SIGINT raises KeyboardInterrupt and SIGTERM Terminated, once: later signals are ignored, so
+    the stop itself (finishing the write in progress, closing the manifest, stopping workers) is not cut short
+    and leaves no temporary file or traceback. The previous handlers come back after the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(number: int, frame: Any) -> None:
+        for each in previous:
+            signal.signal(each, signal.SIG_IGN)
+        raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+
+    try:
+        for number in previous:
+            signal.signal(number, stop)
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class Progress:
