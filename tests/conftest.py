@@ -1,4 +1,5 @@
-"""Shared fixtures: real image files of every kind, and small models saved in every form hookviz loads.
+"""Shared fixtures: real image files of every kind, small models saved in every form hookviz loads,
+and ``nets`` (tests/nets.py), the module of every small test model, importable in-process and in subprocesses.
 
 Nothing here downloads anything: torchvision models are always built with random weights.
 """
@@ -6,9 +7,11 @@ Nothing here downloads anything: torchvision models are always built with random
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
-import textwrap
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -16,42 +19,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cli_helpers import BLUE, GREEN, RED
+from process_helpers import pythonpath
+
 # Tiny models and inputs gain nothing from intra-op threads, and on a small shared machine two threads
 # contending can make a resnet18 forward pass 30x slower than one.
 torch.set_num_threads(1)
 
 # Every decodable test image is IMAGE_W x IMAGE_H (non-square on purpose) unless it says otherwise.
 IMAGE_W, IMAGE_H = 64, 48
-RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (30, 40, 220)
-
-# Source of a small importable model module. Written to disk by the fixtures below, because a pickled
-# module and a `package.module:callable` MODEL both need a real module that Python can import by name.
-TESTNETS_SOURCE = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    class TinyConvNet(nn.Module):
-        def __init__(self, num_classes=5):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-            self.relu = nn.ReLU()
-            self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.head = nn.Linear(6, num_classes)
-
-        def forward(self, x):
-            x = self.relu(self.conv1(x))
-            x = self.conv2(x)
-            return self.head(self.pool(x).flatten(1))
-
-
-    def build():
-        return TinyConvNet()
-    """
-)
-
 
 def _halves(left: tuple[int, ...], right: tuple[int, ...], mode: str = "RGB") -> Image.Image:
     """An IMAGE_W x IMAGE_H image: the left half one colour, the right half another."""
@@ -149,17 +125,34 @@ def tmp_images(tmp_path: Path) -> dict[str, Path]:
 # --- models -----------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def nets() -> Iterator[ModuleType]:
+    """tests/nets.py (every small test model), importable as ``nets`` here and in every subprocess a test starts.
+
+    So a MODEL like ``nets:build_batchnet`` works for the CLI in-process and for the installed ``hookviz`` script.
+    In-process, pytest's default ("prepend") import mode already has tests/ on sys.path; subprocesses get it,
+    after the hookviz under test, through PYTHONPATH (process_helpers.pythonpath(), also used by subprocess_env()).
+    The module stays imported for the session: its builders return new models, so no model state carries over.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", pythonpath())
+        yield importlib.import_module("nets")
+
+
 @pytest.fixture
-def testnets_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Write ``hv_testnets.py`` (TinyConvNet, build) into tmp_path, make it importable, return the module."""
-    folder = tmp_path / "helpers"
+def project(tmp_path: Path, nets: ModuleType) -> Path:
+    """tmp_path/project: a folder for a run's photos and outputs, and the working directory of its subprocesses,
+    which can import MODEL ``nets:build_batchnet`` there."""
+    folder = tmp_path / "project"
     folder.mkdir()
-    (folder / "hv_testnets.py").write_text(TESTNETS_SOURCE)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, "hv_testnets", raising=False)
-    module = importlib.import_module("hv_testnets")
-    yield module
-    sys.modules.pop("hv_testnets", None)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hookviz puts the working directory on ``sys.path`` to import a ``module:callable`` MODEL (as ``python -m``
+    would): each test gets ``sys.path`` back as it was, so no test's temporary folder stays importable."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
 
 def _resnet18(num_classes: int = 1000, seed: int = 0) -> nn.Module:
@@ -202,24 +195,11 @@ def saved_models(tmp_path_factory: pytest.TempPathFactory, resnet18_10: nn.Modul
     return paths
 
 
-class SmallConvNet(nn.Module):
-    """Exported with torch.export in the fixture below (the .pt2 needs no importable class)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
-
-
 @pytest.fixture(scope="session")
-def exported_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
-    """(path of a .pt2, the eager model it was exported from): 32x32 input, dynamic batch dimension."""
+def exported_program(tmp_path_factory: pytest.TempPathFactory, nets: ModuleType) -> tuple[Path, nn.Module]:
+    """(path of a .pt2, the eager model it was exported from): a nets.SmallConvNet, 32x32 input, dynamic batch."""
     torch.manual_seed(0)
-    model = SmallConvNet().eval()
+    model = nets.SmallConvNet().eval()
     program = torch.export.export(
         model, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
     )
@@ -229,33 +209,32 @@ def exported_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn
 
 
 @pytest.fixture
-def pickled_module(tmp_path: Path, testnets_module) -> tuple[Path, nn.Module]:
-    """(path, model): ``torch.save(model, path)`` of a whole TinyConvNet, whose class is importable."""
+def pickled_module(tmp_path: Path, nets: ModuleType) -> tuple[Path, nn.Module]:
+    """(path, model): ``torch.save(model, path)`` of a whole nets.TinyConvNet, whose class is importable."""
     torch.manual_seed(1)
-    model = testnets_module.TinyConvNet().eval()
+    model = nets.TinyConvNet().eval()
     path = tmp_path / "whole_model.pt"
     torch.save(model, path)
     return path, model
 
 
 @pytest.fixture
-def torchscript_file(tmp_path: Path, testnets_module) -> Path:
+def torchscript_file(tmp_path: Path, nets: ModuleType) -> Path:
     path = tmp_path / "scripted.pt"
-    torch.jit.script(testnets_module.TinyConvNet().eval()).save(str(path))
+    torch.jit.script(nets.TinyConvNet().eval()).save(str(path))
     return path
 
 
 @pytest.fixture
-def callable_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A project folder holding ``mymod.py`` (with ``build()``) as the current directory.
+def callable_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nets: ModuleType):
+    """A project folder holding ``mymod.py`` (a copy of tests/nets.py, so ``mymod:build_tinyconvnet`` is a MODEL)
+    as the current directory, the only place that module can be imported from.
 
-    ``sys.path`` is restored afterwards (hookviz adds the current directory to it),
-    and ``mymod`` is dropped from ``sys.modules``.
+    ``mymod`` is dropped from ``sys.modules`` afterwards.
     """
     project = tmp_path / "project"
     project.mkdir()
-    (project / "mymod.py").write_text(TESTNETS_SOURCE)
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    shutil.copy(nets.__file__, project / "mymod.py")
     monkeypatch.delitem(sys.modules, "mymod", raising=False)
     monkeypatch.chdir(project)
     yield project

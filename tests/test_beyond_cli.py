@@ -10,11 +10,9 @@ and test_trace.py; this file checks what the commands make of it.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -358,52 +356,15 @@ def test_stats_without_tensorboard_fails_before_writing_anything(tmp_path, image
 
 # --- vision transformers ----------------------------------------------------------------------------
 
-VITS = "hv_beyond_vits"  # a module name no other test uses: sys.modules caches it
-VITS_SOURCE = textwrap.dedent(
-    """
-    import torch
-    import torchvision
-
-    _built = {}
-
-
-    def _seeded(name, build):
-        if name not in _built:  # built once per test module: vit_b_16 alone is 86M parameters
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                _built[name] = build().eval()
-        return _built[name]
-
-
-    def _vit():
-        model = torchvision.models.vit_b_16(weights=None)
-        # torchvision zero-initializes the head: every gradient, and so every CAM, would be zero.
-        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
-        return model
-
-
-    def vit():
-        return _seeded("vit", _vit)
-
-
-    def swin():
-        return _seeded("swin", lambda: torchvision.models.swin_t(weights=None))
-    """
-)
 VIT_LAYER = "encoder.layers.encoder_layer_11.ln_1"
 
 
 @pytest.fixture(scope="module")
-def vits(tmp_path_factory: pytest.TempPathFactory):
-    """The importable module behind `hv_beyond_vits:vit` and `hv_beyond_vits:swin`."""
-    folder = tmp_path_factory.mktemp("vits")
-    (folder / f"{VITS}.py").write_text(VITS_SOURCE)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "path", list(sys.path))  # hookviz may add the working directory to it
-        patch.syspath_prepend(str(folder))
-        patch.delitem(sys.modules, VITS, raising=False)
-        yield importlib.import_module(VITS)
-        sys.modules.pop(VITS, None)
+def vits(nets):
+    """The module behind `nets:build_vit` and `nets:build_swin`; the two big models are dropped after this file."""
+    yield nets
+    nets.build_vit.cache_clear()
+    nets.build_swin.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +374,7 @@ def vit_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("factory", "expected"), [("vit", VIT_LAYER), ("swin", "permute")])
 def test_layers_marks_the_default_cam_layer_of_a_transformer(vits, factory, expected):
-    code, stdout, stderr = run("layers", f"{VITS}:{factory}", "--json")
+    code, stdout, stderr = run("layers", f"nets:build_{factory}", "--json")
     assert code == 0, stderr
     layers = json.loads(stdout)
     assert [layer["name"] for layer in layers if layer["cam_default"]] == [expected]
@@ -423,7 +384,7 @@ def test_layers_marks_the_default_cam_layer_of_a_transformer(vits, factory, expe
 
 @pytest.mark.parametrize(("factory", "layer"), [("vit", VIT_LAYER), ("swin", "permute")])
 def test_gradcam_on_a_transformer_with_the_default_layer(tmp_path, vits, vit_image, factory, layer):
-    code, stdout, stderr = run("gradcam", f"{VITS}:{factory}", str(vit_image), "--save-raw", "--json",
+    code, stdout, stderr = run("gradcam", f"nets:build_{factory}", str(vit_image), "--save-raw", "--json",
                                "-o", str(tmp_path / "out"))
     assert code == 0, stderr
     assert f"layer: {layer} (default" in stderr
@@ -439,7 +400,7 @@ def test_gradcam_on_a_transformer_with_the_default_layer(tmp_path, vits, vit_ima
 
 
 def test_fmaps_of_vit_patch_tokens_are_a_14x14_grid(tmp_path, vits, vit_image):
-    code, stdout, stderr = run("fmaps", f"{VITS}:vit", str(vit_image), "-l", VIT_LAYER, "--max-channels", "16",
+    code, stdout, stderr = run("fmaps", "nets:build_vit", str(vit_image), "-l", VIT_LAYER, "--max-channels", "16",
                                "--json", "-q", "-o", str(tmp_path / "out"))
     assert code == 0, stderr
     (record,) = [json.loads(line) for line in stdout.splitlines()]
@@ -458,8 +419,8 @@ def test_vit_gradcam_matches_pytorch_grad_cam(vits, vit_image):
 
     from hookviz.cams import compute_cams
 
-    model = vits.vit()
-    preprocessing = load_model(f"{VITS}:vit").preprocessing
+    model = vits.build_vit()
+    preprocessing = load_model("nets:build_vit").preprocessing
     batch = prepare_image(vit_image, vit_image.stem, preprocessing, crop=False).tensor[None]
     result = compute_cams(model, batch, layer=VIT_LAYER, method="gradcam")  # the top-1 class
     (target,) = result.classes[0].tolist()
@@ -499,7 +460,7 @@ def test_vit_gradcam_matches_pytorch_grad_cam(vits, vit_image):
 
 def test_swin_stage_one_at_a_non_square_size_is_read_channels_last(vits):
     with torch.no_grad():
-        first_stage = vits.swin().features[0](torch.zeros(1, 3, 224, 320))
+        first_stage = vits.build_swin().features[0](torch.zeros(1, 3, 224, 320))
     assert tuple(first_stage.shape) == (1, 56, 80, 96)  # (N, h, w, C): a 4x4 patch embedding, channels last
     assert spatial_layout(first_stage.shape, (224, 320)) == Layout("nhwc", 56, 80)
 

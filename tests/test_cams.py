@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cam_models import DictOutput, SmallCNN, TupleOutput, random_batch, reference_activations_and_gradients
+from cam_models import random_batch, reference_activations_and_gradients
+from nets import DictOutput, SmallCNN, TupleOutput
 from hookviz.cams import compute_cams
 from hookviz.errors import UsageError
 

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from cli_helpers import hookviz, json_lines
+from process_helpers import subprocess_env
 from hookviz.cli import main
 from hookviz.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
@@ -201,42 +202,10 @@ def test_bad_size_is_rejected_by_click():
     assert "--size" in result.stderr
 
 
-AUX_MODULE = """
-import torch
-from torch import nn
-
-
-class WithAuxHead(nn.Module):
-    # Like googlenet / inception_v3: a conv head that runs only in training mode.
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.aux = nn.Conv2d(4, 2, 1)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        features = torch.relu(self.conv(x))
-        out = self.head(features.mean((2, 3)))
-        return (out, self.aux(features)) if self.training else out
-
-
-def build():
-    return WithAuxHead()
-"""
-
-
-def test_fmaps_default_layers_skip_convs_that_do_not_run(tmp_images, tmp_path, monkeypatch):
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "auxnet.py").write_text(AUX_MODULE)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delitem(sys.modules, "auxnet", raising=False)
-    monkeypatch.chdir(project)
-
-    try:
-        result = hookviz("fmaps", "auxnet:build", tmp_images["rgb_jpeg"], "--size", "32", "-o", tmp_path / "out", "--json")
-    finally:
-        sys.modules.pop("auxnet", None)
+def test_fmaps_default_layers_skip_convs_that_do_not_run(tmp_images, tmp_path, nets):
+    """nets.WithAuxHead has a conv head that runs only in training mode, like googlenet / inception_v3."""
+    result = hookviz("fmaps", "nets:build_with_aux_head", tmp_images["rgb_jpeg"], "--size", "32",
+                     "-o", tmp_path / "out", "--json")
 
     assert result.exit_code == 0, result.stderr
     assert [o["layer"] for o in json_lines(result.stdout)[0]["outputs"]] == ["conv"]
@@ -274,13 +243,15 @@ def test_fmaps_static_batch_program_with_several_images(static_batch_program, tm
 def test_importing_the_cli_does_not_import_torch():
     code = "import hookviz.cli, sys; assert 'torch' not in sys.modules, 'torch was imported'"
 
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    completed = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                               timeout=120)
 
     assert completed.returncode == 0, completed.stderr
 
 
 def test_python_dash_m_hookviz_help():
-    completed = subprocess.run([sys.executable, "-m", "hookviz", "--help"], capture_output=True, text=True, timeout=120)
+    completed = subprocess.run([sys.executable, "-m", "hookviz", "--help"], env=subprocess_env(), capture_output=True,
+                               text=True, timeout=120)
 
     assert completed.returncode == 0, completed.stderr
     assert "Usage: hookviz" in completed.stdout

@@ -4,16 +4,13 @@ Every expected class, score and heatmap is computed here independently: the mode
 imported and run directly, with the image resized by PIL (bilinear) to the model size and
 normalized with the --mean/--std the command is given.
 
-    hookviz gradcam hv_clinet:build photo.png --size 32 --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25 \
+    hookviz gradcam nets:build_clinet photo.png --size 32 --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25 \
         -l relu2 --class 3 --class 5 --json -o OUT
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,37 +22,9 @@ from PIL import Image
 
 from cli_helpers import write_noise_image as write_image
 from hookviz.cli import main
+from nets import build_clinet
 
-MODULE = "hv_clinet"  # a module name no other test uses: sys.modules caches it
-SOURCE = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    class CliNet(nn.Module):
-        def __init__(self, num_classes=10):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-            self.relu1 = nn.ReLU()
-            self.conv2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
-            self.relu2 = nn.ReLU()
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(12, num_classes)
-
-        def forward(self, x):
-            x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
-            return self.fc(self.pool(x).flatten(1))
-
-
-    def build():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(3)
-            net = CliNet()
-            net.fc.weight.data.mul_(5)
-        return net
-    """
-)
+MODEL = "nets:build_clinet"  # 10 classes, seeded
 NUM_CLASSES = 10
 SIZE = 32
 MEAN, STD = 0.5, 0.25
@@ -65,14 +34,10 @@ METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
-    """tmp_path with hv_clinet.py (importable) and labels.txt."""
-    (tmp_path / f"{MODULE}.py").write_text(SOURCE)
-    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    yield tmp_path
-    sys.modules.pop(MODULE, None)
+def project(project):
+    """The project folder (conftest.py) with labels.txt."""
+    (project / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    return project
 
 
 def model_input(path: Path) -> torch.Tensor:
@@ -82,14 +47,14 @@ def model_input(path: Path) -> torch.Tensor:
 
 
 def reference_probabilities(path: Path) -> torch.Tensor:
-    model = importlib.import_module(MODULE).build().eval()
+    model = build_clinet().eval()
     with torch.no_grad():
         return model(model_input(path)).softmax(dim=1)[0]
 
 
 def reference_gradcam(path: Path, class_index: int) -> torch.Tensor:
     """relu(sum_c mean_hw(dS/dA_c) A_c) at relu2, with a forward hook and torch.autograd.grad."""
-    model = importlib.import_module(MODULE).build().eval()
+    model = build_clinet().eval()
     kept = {}
     model.relu2.register_forward_hook(lambda module, inputs, output: kept.__setitem__("A", output))
     logits = model(model_input(path).requires_grad_(True))
@@ -113,7 +78,7 @@ def minmax(values: np.ndarray) -> np.ndarray:
 
 def test_two_classes_give_two_overlays_per_image(project):
     images = [write_image(project / "wide.png", 72, 40, seed=1), write_image(project / "tall.png", 30, 54, seed=2)]
-    code, records, stderr = gradcam(f"{MODULE}:build", *map(str, images), *MODEL_OPTIONS, "-l", "relu2",
+    code, records, stderr = gradcam(MODEL, *map(str, images), *MODEL_OPTIONS, "-l", "relu2",
                                     "--class", "3", "--class", "5", "--json", "-o", str(project / "out"))
     assert code == 0, stderr
     assert [record["input"] for record in records] == [str(path) for path in images]
@@ -147,7 +112,7 @@ def test_top_k_explains_the_most_probable_classes(project):
     ranked = probabilities.sort(descending=True)
     assert ranked.values[1] - ranked.values[2] > 1e-3, "2nd and 3rd classes too close to tell apart"
 
-    code, (record,), stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "-l", "relu2", "--top-k", "2",
+    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "--top-k", "2",
                                       "--json", "-o", str(project / "out"))
     assert code == 0, stderr
     assert [o["class"] for o in record["outputs"]] == ranked.indices[:2].tolist()
@@ -156,7 +121,7 @@ def test_top_k_explains_the_most_probable_classes(project):
 
 def test_class_by_label_name(project):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, (record,), stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "--labels",
+    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--labels",
                                       str(project / "labels.txt"), "--class", "Dog", "--class", "lamp", "--json",
                                       "-o", str(project / "out"))
     assert code == 0, stderr
@@ -166,7 +131,7 @@ def test_class_by_label_name(project):
 
 def test_unknown_label_name_suggests_close_names(project):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, records, stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "--labels",
+    code, records, stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--labels",
                                     str(project / "labels.txt"), "--class", "dgo", "-o", str(project / "out"))
     assert code == 2
     assert records == []
@@ -177,7 +142,7 @@ def test_unknown_label_name_suggests_close_names(project):
 @pytest.mark.parametrize("value", ["99999", "10", "-1"])
 def test_class_index_out_of_range_names_the_range(project, value):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, records, stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "--class", value,
+    code, records, stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--class", value,
                                     "-o", str(project / "out"))
     assert code == 2
     assert value in stderr and f"0..{NUM_CLASSES - 1}" in stderr
@@ -186,14 +151,14 @@ def test_class_index_out_of_range_names_the_range(project, value):
 
 def test_class_and_top_k_together_is_a_usage_error(project):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, _, stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "--class", "1", "--top-k", "2",
+    code, _, stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--class", "1", "--top-k", "2",
                               "-o", str(project / "out"))
     assert code == 2 and "--top-k" in stderr
 
 
 def test_default_layer_is_the_last_spatial_layer(project):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, (record,), stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "--json", "-o", str(project / "out"))
+    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--json", "-o", str(project / "out"))
     assert code == 0, stderr
     assert record["outputs"][0]["layer"] == "relu2"
 
@@ -202,7 +167,7 @@ def test_default_layer_is_the_last_spatial_layer(project):
 def test_every_method_runs(project, method):
     image = write_image(project / "photo.png", 50, 70, seed=6)
     top1 = int(reference_probabilities(image).argmax())
-    code, (record,), stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "-l", "relu2", "-m", method,
+    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "-m", method,
                                       "--save-raw", "--json", "-o", str(project / "out"))
     assert code == 0, stderr
     (output,) = record["outputs"]
@@ -218,7 +183,7 @@ def test_every_method_runs(project, method):
 def test_save_raw_is_the_normalized_map_at_the_original_resolution(project):
     width, height = 90, 40
     image = write_image(project / "wide.png", width, height, seed=7)
-    code, (record,), stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "-l", "relu2", "--class", "2",
+    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "--class", "2",
                                       "--save-raw", "--json", "-o", str(project / "out"))
     assert code == 0, stderr
     heat = np.load(record["outputs"][0]["raw"])
@@ -237,7 +202,7 @@ def test_eigencam_is_class_independent(project):
     """Eigen-CAM ignores the class: with --top-k 2 both overlays carry the same heatmap."""
     image = write_image(project / "photo.png", 64, 48, seed=8)
     ranked = reference_probabilities(image).sort(descending=True).indices
-    code, (record,), stderr = gradcam(f"{MODULE}:build", str(image), *MODEL_OPTIONS, "-l", "relu2", "-m", "eigencam",
+    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "-m", "eigencam",
                                       "--top-k", "2", "--save-raw", "--json", "-o", str(project / "out"))
     assert code == 0, stderr
     assert [o["class"] for o in record["outputs"]] == ranked[:2].tolist()

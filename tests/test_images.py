@@ -11,11 +11,12 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms import functional as TF
 
+from cli_helpers import BLUE, GREEN, RED
 from hookviz.errors import InputError, UsageError
 from hookviz.images import collect_inputs, load_image, model_view, preprocess
 from hookviz.preprocessing import Preprocessing
 
-RED, GREEN, BLUE, WHITE = (220, 30, 30), (30, 200, 40), (30, 40, 220), (255, 255, 255)
+WHITE = (255, 255, 255)
 
 
 def close(pixel, expected, tolerance=0):

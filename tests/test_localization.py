@@ -7,16 +7,13 @@ peak on the square. The originals are 96x192 (HxW) while the model sees 48x96, a
 squares sit away from the centre (top-left / bottom-right), so a heatmap that is mapped back
 with the wrong scale, a swapped axis or a forgotten crop lands off the square.
 
-    hookviz gradcam hv_colournet:build IMG --state-dict trained.pt --size 48x96 \
+    hookviz gradcam nets:build_colournet IMG --state-dict trained.pt --size 48x96 \
         --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --labels labels.txt -l relu3 --save-raw --json -o OUT
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -26,40 +23,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from cam_models import seeded
+from nets import seeded
 from hookviz.cli import main
 
-MODULE = "hv_colournet"  # a module name no other test uses: sys.modules caches it
-SOURCE = textwrap.dedent(
-    """
-    from torch import nn
-
-
-    class ColourNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-            self.relu1 = nn.ReLU()
-            self.pool1 = nn.MaxPool2d(2)
-            self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-            self.relu2 = nn.ReLU()
-            self.pool2 = nn.MaxPool2d(2)
-            self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
-            self.relu3 = nn.ReLU()
-            self.gap = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(16, 2)
-
-        def forward(self, x):
-            x = self.pool1(self.relu1(self.conv1(x)))
-            x = self.pool2(self.relu2(self.conv2(x)))
-            x = self.relu3(self.conv3(x))
-            return self.fc(self.gap(x).flatten(1))
-
-
-    def build():
-        return ColourNet()
-    """
-)
+MODEL = "nets:build_colournet"
 LABELS = ["red", "blue"]
 COLOURS = np.array([[0.85, 0.15, 0.15], [0.15, 0.15, 0.85]])
 MODEL_H, MODEL_W = 48, 96
@@ -84,33 +51,28 @@ def training_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torc
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A folder with hv_colournet.py, trained.pt (its trained state_dict) and labels.txt; importable while the module runs."""
+def project(tmp_path_factory, nets):
+    """A folder with trained.pt (the trained state_dict of nets.build_colournet()) and labels.txt."""
     folder = tmp_path_factory.mktemp("colournet")
-    (folder / f"{MODULE}.py").write_text(SOURCE)
     (folder / "labels.txt").write_text("\n".join(LABELS) + "\n")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(folder))
-        sys.modules.pop(MODULE, None)
-        with seeded(0):
-            model = importlib.import_module(MODULE).build()
-            torch.nn.init.zeros_(model.fc.weight)  # with softmax, the two rows then stay opposite: no shared component
-            optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-            rng = np.random.default_rng(0)
-            for _ in range(100):
-                images, labels = training_batch(rng, 32)
-                loss = F.cross_entropy(model(images), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        model.eval()
-        images, labels = training_batch(np.random.default_rng(1), 200)
-        with torch.no_grad():
-            accuracy = (model(images).argmax(dim=1) == labels).float().mean()
-        assert accuracy > 0.95, f"the model did not learn the task (accuracy {accuracy:.2f})"
-        torch.save(model.state_dict(), folder / "trained.pt")
-        yield folder
-    sys.modules.pop(MODULE, None)
+    with seeded(0):
+        model = nets.build_colournet()
+        torch.nn.init.zeros_(model.fc.weight)  # with softmax, the two rows then stay opposite: no shared component
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        rng = np.random.default_rng(0)
+        for _ in range(100):
+            images, labels = training_batch(rng, 32)
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    images, labels = training_batch(np.random.default_rng(1), 200)
+    with torch.no_grad():
+        accuracy = (model(images).argmax(dim=1) == labels).float().mean()
+    assert accuracy > 0.95, f"the model did not learn the task (accuracy {accuracy:.2f})"
+    torch.save(model.state_dict(), folder / "trained.pt")
+    return folder
 
 
 def scene(path: Path, colour: int, box: tuple[int, int, int, int], size=(ORIGINAL_H, ORIGINAL_W), seed: int = 5) -> Path:
@@ -125,7 +87,7 @@ def scene(path: Path, colour: int, box: tuple[int, int, int, int], size=(ORIGINA
 
 def run_gradcam(project: Path, images: list[Path], out: Path, *extra: str) -> list[dict]:
     args = [
-        f"{MODULE}:build", *map(str, images), "--state-dict", str(project / "trained.pt"), "--size", f"{MODEL_H}x{MODEL_W}",
+        MODEL, *map(str, images), "--state-dict", str(project / "trained.pt"), "--size", f"{MODEL_H}x{MODEL_W}",
         "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--labels", str(project / "labels.txt"), "-l", "relu3",
         "--save-raw", "--json", "-o", str(out), "-q", *extra,
     ]

@@ -192,12 +192,12 @@ def test_pickled_module_is_refused_without_trust(pickled_module):
         load_model(str(path))
 
 
-def test_pickled_module_loads_with_trust(pickled_module, testnets_module):
+def test_pickled_module_loads_with_trust(pickled_module, nets):
     path, original = pickled_module
 
     loaded = load_model(str(path), trust=True, device="cpu")
 
-    assert isinstance(loaded.module, testnets_module.TinyConvNet)
+    assert isinstance(loaded.module, nets.TinyConvNet)
     assert _same_outputs(loaded.module, original, shape=(2, 3, 16, 16))
 
 
@@ -217,22 +217,22 @@ def test_torchscript_is_refused_with_the_alternatives(torchscript_file):
 
 
 def test_callable_spec_builds_the_model_from_the_current_directory(callable_project):
-    loaded = load_model("mymod:build", device="cpu")
+    loaded = load_model("mymod:build_tinyconvnet", device="cpu")
 
     assert type(loaded.module).__name__ == "TinyConvNet"
-    assert "mymod:build" in loaded.description
+    assert "mymod:build_tinyconvnet" in loaded.description
 
 
 def test_callable_spec_with_state_dict_loads_the_weights(callable_project):
     torch.manual_seed(123)
-    original = load_model("mymod:build", device="cpu").module
+    original = load_model("mymod:build_tinyconvnet", device="cpu").module
     weights = callable_project / "weights.pt"
     torch.save({"state_dict": original.state_dict(), "epoch": 7}, weights)
 
-    fresh = load_model("mymod:build", device="cpu")
-    with_weights = load_model("mymod:build", state_dict=str(weights), device="cpu")
+    fresh = load_model("mymod:build_tinyconvnet", device="cpu")
+    with_weights = load_model("mymod:build_tinyconvnet", state_dict=str(weights), device="cpu")
 
-    assert not _same_outputs(fresh.module, original, shape=(2, 3, 16, 16))  # build() alone: a new random init
+    assert not _same_outputs(fresh.module, original, shape=(2, 3, 16, 16))  # the builder alone: a new random init
     assert _same_outputs(with_weights.module, original, shape=(2, 3, 16, 16))
     assert str(weights) in with_weights.description
 
@@ -243,7 +243,7 @@ def test_callable_spec_errors_are_usage_errors(callable_project):
     with pytest.raises(UsageError, match="cannot import"):
         load_model("no_such_module_xyz:build")
     with pytest.raises(UsageError, match="not found"):
-        load_model("mymod:build", state_dict="missing_weights.pt")
+        load_model("mymod:build_tinyconvnet", state_dict="missing_weights.pt")
 
 
 def test_state_dict_option_is_refused_for_a_torchvision_name(tmp_path):

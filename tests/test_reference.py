@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from cam_models import random_batch, seeded
+from cam_models import random_batch
+from nets import seeded
 from hookviz.cams import compute_cams
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")

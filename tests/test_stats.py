@@ -11,7 +11,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from cam_models import random_batch, seeded
+from cam_models import random_batch
+from nets import seeded
 from hookviz.errors import UsageError
 from hookviz.stats import LayerStats, StatsCollector, collect_stats, format_table, histogram_figure, stats_layer_names
 

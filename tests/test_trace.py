@@ -11,7 +11,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cam_models import DictOutput, SmallCNN, random_batch, seeded
+from cam_models import random_batch
+from nets import DictOutput, SmallCNN, seeded
 from hookviz.errors import UsageError
 from hookviz.trace import FORWARD, format_trace, trace_model
 
