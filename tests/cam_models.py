@@ -18,8 +18,9 @@ def random_batch(batch: int, height: int = 48, width: int = 64, seed: int = 0) -
     return colour + torch.randn(batch, 3, height, width, generator=generator)
 
 
-def reference_activations_and_gradients(model: nn.Module, x: torch.Tensor, layer: nn.Module,
-                                        classes: torch.Tensor, pick=lambda output: output):
+def reference_activations_and_gradients(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module, classes: torch.Tensor, pick=lambda output: output
+):
     """A (B, C, h, w), G (B, K, C, h, w) with G[b, k] = d logit[b, classes[b, k]] / d A[b], and the logits.
 
     Plain autograd: a forward hook keeps the layer's output, and each (image, class)

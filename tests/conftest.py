@@ -9,18 +9,17 @@ from __future__ import annotations
 import importlib
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
-
 from cli_helpers import BLUE, GREEN, RED
+from PIL import Image
 from process_helpers import pythonpath
+from torch import nn
 
 # Tiny models and inputs gain nothing from intra-op threads, and on a small shared machine two threads
 # contending can make a resnet18 forward pass 30x slower than one.
@@ -28,6 +27,7 @@ torch.set_num_threads(1)
 
 # Every decodable test image is IMAGE_W x IMAGE_H (non-square on purpose) unless it says otherwise.
 IMAGE_W, IMAGE_H = 64, 48
+
 
 def _halves(left: tuple[int, ...], right: tuple[int, ...], mode: str = "RGB") -> Image.Image:
     """An IMAGE_W x IMAGE_H image: the left half one colour, the right half another."""

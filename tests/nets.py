@@ -94,8 +94,15 @@ class SmallCNN(nn.Module):
     ``inplace=True`` makes ``relu2`` overwrite ``conv2``'s output.
     """
 
-    def __init__(self, num_classes: int = 4, channels: tuple[int, int] = (8, 6), *, seed: int = 2,
-                 batchnorm: bool = False, inplace: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int = 4,
+        channels: tuple[int, int] = (8, 6),
+        *,
+        seed: int = 2,
+        batchnorm: bool = False,
+        inplace: bool = False,
+    ) -> None:
         super().__init__()
         with seeded(seed):
             self.conv1 = nn.Conv2d(3, channels[0], 3, stride=2, padding=1)

@@ -19,9 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import hookviz
 
@@ -55,8 +55,15 @@ def running(cwd: Path, args: list, log: Path, hang_after: int | None = None) -> 
     """``hookviz ARGS`` running in its own process group (stdout to log.out, stderr to log.err);
     the group is killed on the way out if it is still running."""
     with open(log.with_suffix(".out"), "wb") as stdout, open(log.with_suffix(".err"), "wb") as stderr:
-        process = subprocess.Popen([*hookviz_command(), *map(str, args)], cwd=cwd, env=subprocess_env(hang_after),
-                                   stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(
+            [*hookviz_command(), *map(str, args)],
+            cwd=cwd,
+            env=subprocess_env(hang_after),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         yield process
     finally:
@@ -95,8 +102,9 @@ def run_with_stderr(cwd: Path, args: list, terminal: bool) -> tuple[int, str, st
         completed = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         return completed.returncode, completed.stdout, completed.stderr
     master, slave = pty.openpty()
-    process = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=slave)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
     os.close(slave)
     chunks, deadline = [], time.monotonic() + 300
     try:

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import GRADCAM, hookviz, image_folder, inputs_of, json_lines, pngs_of, read_manifest, write_noise_image
 from torch import nn
 
-from cli_helpers import GRADCAM, hookviz, image_folder, inputs_of, json_lines, pngs_of, read_manifest, write_noise_image
 from hookviz.batch import parse_shard, shard_of
 from hookviz.errors import UsageError
 from hookviz.models import load_model
 from hookviz.pipeline import prepare_image
-
 
 # --- shards ---------------------------------------------------------------------------------------
 
@@ -28,8 +27,10 @@ from hookviz.pipeline import prepare_image
 def test_shards_cover_every_input_once_whatever_the_order(n):
     """shard_of: shards 1..N together hold each input exactly once, and the same inputs when the list
     is given in another order (each shard keeps the order it was given)."""
-    paths = [Path(f"photos/{name}.jpg") for name in ("zebra", "ant", "cat", "dog", "eel", "fox", "gnu", "hen",
-                                                      "ibis", "jay", "kiwi")]
+    paths = [
+        Path(f"photos/{name}.jpg")
+        for name in ("zebra", "ant", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "kiwi")
+    ]
     shards = [shard_of(paths, k, n) for k in range(1, n + 1)]
     assert Counter(path for shard in shards for path in shard) == Counter(paths)
     assert all(shard == [path for path in paths if path in shard] for shard in shards)
@@ -101,8 +102,11 @@ def test_shards_name_outputs_like_an_unsharded_run(project):
     def directories(*extra: str, out: str) -> dict[str, str]:
         result = hookviz(*GRADCAM, folder, *extra, "--json", "-q", "-o", project / out)
         assert result.exit_code == 0, result.stderr
-        return {record["input"]: str(Path(png).parent.relative_to(project / out))
-                for record in json_lines(result.stdout) for png in pngs_of([record])}
+        return {
+            record["input"]: str(Path(png).parent.relative_to(project / out))
+            for record in json_lines(result.stdout)
+            for png in pngs_of([record])
+        }
 
     unsharded = directories(out="whole")
     sharded = {**directories("--shard", "1/2", out="sharded"), **directories("--shard", "2/2", out="sharded")}
@@ -191,7 +195,8 @@ def test_short_last_batch_on_a_fixed_batch_program(fixed_batch_program, tmp_path
             probabilities = probabilities.softmax(0)
             assert [p["class"] for p in record["predictions"]] == probabilities.argsort(descending=True).tolist()
             assert [p["score"] for p in record["predictions"]] == pytest.approx(
-                probabilities.sort(descending=True).values.tolist(), abs=2e-6)
+                probabilities.sort(descending=True).values.tolist(), abs=2e-6
+            )
 
 
 def test_scorecam_on_a_fixed_batch_program(fixed_batch_program, tmp_path):

@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from cli_helpers import write_noise_image as write_image
 from click.testing import CliRunner
 from PIL import Image
+from test_trace import call_order
 from torch import nn
 
-from cli_helpers import write_noise_image as write_image
-from test_trace import call_order
 from hookviz.cli import main
 from hookviz.models import load_model
 from hookviz.pipeline import prepare_image
@@ -124,8 +124,20 @@ def test_stats_prints_a_table_row_per_conv_and_linear_layer_and_writes_the_figur
 
 
 def test_stats_json_is_one_object_per_selected_layer(tmp_path, images):
-    code, stdout, stderr = run("stats", "resnet18", *map(str, images[:2]), *SMALL, "-l", "layer4.1.conv2", "-l", "fc",
-                               "--json", "-q", "-o", str(tmp_path / "out"))
+    code, stdout, stderr = run(
+        "stats",
+        "resnet18",
+        *map(str, images[:2]),
+        *SMALL,
+        "-l",
+        "layer4.1.conv2",
+        "-l",
+        "fc",
+        "--json",
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert code == 0, stderr
     assert stderr == ""
     records = [json.loads(line) for line in stdout.splitlines()]
@@ -147,8 +159,17 @@ def test_stats_over_good_and_broken_images_measures_the_good_ones(tmp_path, imag
     inputs = [images[0], broken, images[2]]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)  # the random weights hookviz builds, rebuilt below for the reference
-        code, stdout, stderr = run("stats", "resnet18", *map(str, inputs), *SMALL, "-l", "layer1.0.conv1", "--json",
-                                   "-o", str(tmp_path / "out"))
+        code, stdout, stderr = run(
+            "stats",
+            "resnet18",
+            *map(str, inputs),
+            *SMALL,
+            "-l",
+            "layer1.0.conv1",
+            "--json",
+            "-o",
+            str(tmp_path / "out"),
+        )
     assert code == 1
     (error,) = error_lines(stderr)
     assert str(broken) in error
@@ -157,7 +178,9 @@ def test_stats_over_good_and_broken_images_measures_the_good_ones(tmp_path, imag
 
     # The reference: the same seeded model on exactly the tensors hookviz feeds it for the two good images.
     preprocessing = load_model("resnet18", weights="none", size=(64, 64)).preprocessing
-    batch = torch.stack([prepare_image(path, path.stem, preprocessing, crop=False).tensor for path in (images[0], images[2])])
+    batch = torch.stack(
+        [prepare_image(path, path.stem, preprocessing, crop=False).tensor for path in (images[0], images[2])]
+    )
     model = seeded_resnet18()
     kept = []
     model.layer1[0].conv1.register_forward_hook(lambda m, i, o: kept.append(o.detach().double()))
@@ -173,7 +196,9 @@ def test_stats_over_good_and_broken_images_measures_the_good_ones(tmp_path, imag
 
 
 def test_stats_with_only_broken_images_is_a_usage_error(tmp_path, broken):
-    code, stdout, stderr = run("stats", "resnet18", str(broken), *SMALL, "-l", "conv1", "-q", "-o", str(tmp_path / "out"))
+    code, stdout, stderr = run(
+        "stats", "resnet18", str(broken), *SMALL, "-l", "conv1", "-q", "-o", str(tmp_path / "out")
+    )
     assert code == 2
     assert stdout == ""
     assert "no image could be read" in stderr
@@ -191,15 +216,18 @@ def test_stats_refuses_to_replace_an_existing_figure_without_overwrite(tmp_path,
     assert "stats.png" in error and "--overwrite" in error
     assert (out / "stats.png").read_bytes() == b"an earlier figure"
 
-    code, stdout, stderr = run("stats", "resnet18", str(images[0]), *SMALL, "-l", "conv1", "-q", "--overwrite", "-o", str(out))
+    code, stdout, stderr = run(
+        "stats", "resnet18", str(images[0]), *SMALL, "-l", "conv1", "-q", "--overwrite", "-o", str(out)
+    )
     assert code == 0, stderr
     with Image.open(out / "stats.png") as png:
         assert png.format == "PNG"
 
 
 def test_stats_unknown_layer_is_a_usage_error_with_a_suggestion(tmp_path, images):
-    code, stdout, stderr = run("stats", "resnet18", str(images[0]), *SMALL, "-l", "layer1.0.conv", "-q",
-                               "-o", str(tmp_path / "out"))
+    code, stdout, stderr = run(
+        "stats", "resnet18", str(images[0]), *SMALL, "-l", "layer1.0.conv", "-q", "-o", str(tmp_path / "out")
+    )
     assert code == 2
     assert stdout == ""
     (error,) = stderr.strip().splitlines()
@@ -245,7 +273,12 @@ def test_trace_json_counts_every_module_call_and_takes_the_class(images, resnet1
     assert backward and trace["events"] == forward + backward
     assert forward[0]["output"]["shape"] == [1, 1000]
     logits_gradient = backward[0]["gradient"]  # d logit_3 / d logits: one-hot
-    assert (backward[0]["name"], logits_gradient["min"], logits_gradient["max"], logits_gradient["norm"]) == ("", 0, 1, 1)
+    assert (backward[0]["name"], logits_gradient["min"], logits_gradient["max"], logits_gradient["norm"]) == (
+        "",
+        0,
+        1,
+        1,
+    )
     assert trace["input_gradient"]["shape"] == [1, 3, 64, 64]
 
 
@@ -272,8 +305,18 @@ def test_trace_missing_image_is_one_line_exit_1(tmp_path):
 
 def test_gradcam_tensorboard_holds_each_overlay_at_its_input_step(tmp_path, images):
     log_dir = tmp_path / "tb"
-    code, stdout, stderr = run("gradcam", "resnet18", *map(str, images), *SMALL, "--json", "-q",
-                               "-o", str(tmp_path / "out"), "--tensorboard", str(log_dir))
+    code, stdout, stderr = run(
+        "gradcam",
+        "resnet18",
+        *map(str, images),
+        *SMALL,
+        "--json",
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+        "--tensorboard",
+        str(log_dir),
+    )
     assert code == 0, stderr
     records = [json.loads(line) for line in stdout.splitlines()]
     assert [record["input"] for record in records] == list(map(str, images))
@@ -293,8 +336,20 @@ def test_gradcam_tensorboard_holds_each_overlay_at_its_input_step(tmp_path, imag
 
 def test_fmaps_tensorboard_has_one_tag_per_layer(tmp_path, images):
     log_dir = tmp_path / "tb"
-    code, stdout, stderr = run("fmaps", "resnet18", str(images[0]), *SMALL, "--json", "-q", "--max-channels", "4",
-                               "-o", str(tmp_path / "out"), "--tensorboard", str(log_dir))
+    code, stdout, stderr = run(
+        "fmaps",
+        "resnet18",
+        str(images[0]),
+        *SMALL,
+        "--json",
+        "-q",
+        "--max-channels",
+        "4",
+        "-o",
+        str(tmp_path / "out"),
+        "--tensorboard",
+        str(log_dir),
+    )
     assert code == 0, stderr
     (record,) = [json.loads(line) for line in stdout.splitlines()]
     accumulator = events(log_dir)
@@ -309,8 +364,19 @@ def test_fmaps_tensorboard_has_one_tag_per_layer(tmp_path, images):
 def test_stats_tensorboard_histograms_and_scalars_match_the_json(tmp_path, images):
     log_dir = tmp_path / "tb"
     layers = ["conv1", "layer2.0.conv2", "fc"]
-    code, stdout, stderr = run("stats", "resnet18", *map(str, images[:2]), *SMALL, *[a for n in layers for a in ("-l", n)],
-                               "--json", "-q", "-o", str(tmp_path / "out"), "--tensorboard", str(log_dir))
+    code, stdout, stderr = run(
+        "stats",
+        "resnet18",
+        *map(str, images[:2]),
+        *SMALL,
+        *[a for n in layers for a in ("-l", n)],
+        "--json",
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+        "--tensorboard",
+        str(log_dir),
+    )
     assert code == 0, stderr
     records = {record["layer"]: record for record in map(json.loads, stdout.splitlines())}
     assert list(records) == layers
@@ -338,8 +404,18 @@ def test_stats_tensorboard_histograms_and_scalars_match_the_json(tmp_path, image
 def test_tensorboard_option_without_tensorboard_is_a_usage_error(tmp_path, images, monkeypatch, command):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what `import` sees when it is not installed
     layer = ["-l", "conv1"]
-    code, stdout, stderr = run(command, "resnet18", str(images[0]), *SMALL, *layer, "-q", "-o", str(tmp_path / "out"),
-                               "--tensorboard", str(tmp_path / "tb"))
+    code, stdout, stderr = run(
+        command,
+        "resnet18",
+        str(images[0]),
+        *SMALL,
+        *layer,
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+        "--tensorboard",
+        str(tmp_path / "tb"),
+    )
     assert code == 2
     (error,) = stderr.strip().splitlines()
     assert error.startswith("hookviz: error:") and "hookviz[tensorboard]" in error and "--tensorboard" in error
@@ -348,8 +424,19 @@ def test_tensorboard_option_without_tensorboard_is_a_usage_error(tmp_path, image
 
 def test_stats_without_tensorboard_fails_before_writing_anything(tmp_path, images, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    code, _, _ = run("stats", "resnet18", str(images[0]), *SMALL, "-l", "conv1", "-q", "-o", str(tmp_path / "out"),
-                     "--tensorboard", str(tmp_path / "tb"))
+    code, _, _ = run(
+        "stats",
+        "resnet18",
+        str(images[0]),
+        *SMALL,
+        "-l",
+        "conv1",
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+        "--tensorboard",
+        str(tmp_path / "tb"),
+    )
     assert code == 2
     assert not (tmp_path / "out" / "stats.png").exists()
 
@@ -384,8 +471,9 @@ def test_layers_marks_the_default_cam_layer_of_a_transformer(vits, factory, expe
 
 @pytest.mark.parametrize(("factory", "layer"), [("vit", VIT_LAYER), ("swin", "permute")])
 def test_gradcam_on_a_transformer_with_the_default_layer(tmp_path, vits, vit_image, factory, layer):
-    code, stdout, stderr = run("gradcam", f"nets:build_{factory}", str(vit_image), "--save-raw", "--json",
-                               "-o", str(tmp_path / "out"))
+    code, stdout, stderr = run(
+        "gradcam", f"nets:build_{factory}", str(vit_image), "--save-raw", "--json", "-o", str(tmp_path / "out")
+    )
     assert code == 0, stderr
     assert f"layer: {layer} (default" in stderr
     (record,) = [json.loads(line) for line in stdout.splitlines()]
@@ -400,8 +488,19 @@ def test_gradcam_on_a_transformer_with_the_default_layer(tmp_path, vits, vit_ima
 
 
 def test_fmaps_of_vit_patch_tokens_are_a_14x14_grid(tmp_path, vits, vit_image):
-    code, stdout, stderr = run("fmaps", "nets:build_vit", str(vit_image), "-l", VIT_LAYER, "--max-channels", "16",
-                               "--json", "-q", "-o", str(tmp_path / "out"))
+    code, stdout, stderr = run(
+        "fmaps",
+        "nets:build_vit",
+        str(vit_image),
+        "-l",
+        VIT_LAYER,
+        "--max-channels",
+        "16",
+        "--json",
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert code == 0, stderr
     (record,) = [json.loads(line) for line in stdout.splitlines()]
     (output,) = record["outputs"]
@@ -433,8 +532,11 @@ def test_vit_gradcam_matches_pytorch_grad_cam(vits, vit_image):
 
     layer = model.encoder.layers.encoder_layer_11.ln_1
     # Only the last block and the head need gradients: the same result without a backward pass through all 12 blocks.
-    frozen = [p for name, p in model.named_parameters()
-              if not name.startswith(("encoder.layers.encoder_layer_11.", "encoder.ln.", "heads."))]
+    frozen = [
+        p
+        for name, p in model.named_parameters()
+        if not name.startswith(("encoder.layers.encoder_layer_11.", "encoder.ln.", "heads."))
+    ]
     for parameter in frozen:
         parameter.requires_grad_(False)
     try:
@@ -442,8 +544,12 @@ def test_vit_gradcam_matches_pytorch_grad_cam(vits, vit_image):
             theirs = cam(input_tensor=batch, targets=[ClassifierOutputTarget(target)])[0]  # (224, 224), min-max scaled
             activations = cam.activations_and_grads.activations
             gradients = cam.activations_and_grads.gradients
-            theirs_raw = np.maximum(cam.get_cam_image(batch, layer, [ClassifierOutputTarget(target)], activations[0].numpy(),
-                                                      gradients[0].numpy(), False), 0)[0]
+            theirs_raw = np.maximum(
+                cam.get_cam_image(
+                    batch, layer, [ClassifierOutputTarget(target)], activations[0].numpy(), gradients[0].numpy(), False
+                ),
+                0,
+            )[0]
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
@@ -474,21 +580,24 @@ def case(name: str, shape: tuple[int, ...], input_size: tuple[int, int], expecte
     return pytest.param(shape, input_size, expected, id=name, marks=marks)
 
 
-@pytest.mark.parametrize(("shape", "input_size", "expected"), [
-    case("nchw-7x7", (B, 768, 7, 7), (224, 224), Layout("nchw", 7, 7)),
-    case("nhwc-7x7", (B, 7, 7, 768), (224, 224), Layout("nhwc", 7, 7)),
-    case("vit-class-token", (B, 197, 768), (224, 224), Layout("tokens", 14, 14, prefix=1)),
-    case("deit-class-and-distillation-tokens", (B, 198, 768), (224, 224), Layout("tokens", 14, 14, prefix=2)),
-    case("patch-tokens-only", (B, 196, 768), (224, 224), Layout("tokens", 14, 14, prefix=0)),
-    case("logits", (B, 1000), (224, 224), None),
-    case("pooled-1x1", (B, 512, 1, 1), (224, 224), None),
-    case("swin_t-last-stage-224x320", (B, 7, 10, 768), (224, 320), Layout("nhwc", 7, 10)),
-    case("resnet50-layer4-224x320", (B, 2048, 7, 10), (224, 320), Layout("nchw", 7, 10)),
-    case("vit-tokens-224x320", (B, 1 + 14 * 20, 768), (224, 320), Layout("tokens", 14, 20, prefix=1)),
-    case("swin_t-stage1-224", (B, 56, 56, 96), (224, 224), Layout("nhwc", 56, 56)),
-    case("resnet-layer1-224", (B, 64, 56, 56), (224, 224), Layout("nchw", 56, 56)),
-    case("swin_t-stage1-224x320", (B, 56, 80, 96), (224, 320), Layout("nhwc", 56, 80)),
-    case("resnet-layer1-224x320", (B, 64, 56, 80), (224, 320), Layout("nchw", 56, 80)),
-])
+@pytest.mark.parametrize(
+    ("shape", "input_size", "expected"),
+    [
+        case("nchw-7x7", (B, 768, 7, 7), (224, 224), Layout("nchw", 7, 7)),
+        case("nhwc-7x7", (B, 7, 7, 768), (224, 224), Layout("nhwc", 7, 7)),
+        case("vit-class-token", (B, 197, 768), (224, 224), Layout("tokens", 14, 14, prefix=1)),
+        case("deit-class-and-distillation-tokens", (B, 198, 768), (224, 224), Layout("tokens", 14, 14, prefix=2)),
+        case("patch-tokens-only", (B, 196, 768), (224, 224), Layout("tokens", 14, 14, prefix=0)),
+        case("logits", (B, 1000), (224, 224), None),
+        case("pooled-1x1", (B, 512, 1, 1), (224, 224), None),
+        case("swin_t-last-stage-224x320", (B, 7, 10, 768), (224, 320), Layout("nhwc", 7, 10)),
+        case("resnet50-layer4-224x320", (B, 2048, 7, 10), (224, 320), Layout("nchw", 7, 10)),
+        case("vit-tokens-224x320", (B, 1 + 14 * 20, 768), (224, 320), Layout("tokens", 14, 20, prefix=1)),
+        case("swin_t-stage1-224", (B, 56, 56, 96), (224, 224), Layout("nhwc", 56, 56)),
+        case("resnet-layer1-224", (B, 64, 56, 56), (224, 224), Layout("nchw", 56, 56)),
+        case("swin_t-stage1-224x320", (B, 56, 80, 96), (224, 320), Layout("nhwc", 56, 80)),
+        case("resnet-layer1-224x320", (B, 64, 56, 80), (224, 320), Layout("nchw", 56, 80)),
+    ],
+)
 def test_spatial_layout(shape, input_size, expected):
     assert spatial_layout(shape, input_size) == expected

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from cam_models import random_batch, reference_activations_and_gradients
 from nets import DictOutput, SmallCNN, TupleOutput
+from torch import nn
+
 from hookviz.cams import compute_cams
 from hookviz.errors import UsageError
 
@@ -113,8 +113,14 @@ def scorecam_formula(model, x, A, class_index):
     return torch.relu(torch.einsum("k,khw->hw", torch.stack(weights), A))
 
 
-def expected_maps(model: nn.Module, x: torch.Tensor, method: str, classes: torch.Tensor, layer: str = LAYER,
-                  pick=lambda output: output) -> torch.Tensor:
+def expected_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str,
+    classes: torch.Tensor,
+    layer: str = LAYER,
+    pick=lambda output: output,
+) -> torch.Tensor:
     """(B, K, h, w) maps by the formulas above, in float64, on a double copy of the model."""
     model64 = copy.deepcopy(model).double().eval()
     x64 = x.double()
@@ -145,8 +151,13 @@ def assert_maps_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
     for index in np.ndindex(*expected.shape[:2]):
         peak = float(expected[index].max())
         assert peak > 0, f"expected map {index} is all zero: the test input says nothing"
-        torch.testing.assert_close(actual[index].double(), expected[index], rtol=0, atol=1e-5 * peak,
-                                   msg=lambda m: f"map {index}: {m}")
+        torch.testing.assert_close(
+            actual[index].double(),
+            expected[index],
+            rtol=0,
+            atol=1e-5 * peak,
+            msg=lambda m, index=index: f"map {index}: {m}",
+        )
 
 
 @pytest.fixture
@@ -212,7 +223,7 @@ def test_each_image_of_a_batch_gets_its_own_map(model, method):
 
     assert result.classes[:, 0].tolist() == top1
     for b in range(3):
-        alone = compute_cams(model, x[b:b + 1], layer=LAYER, method=method)
+        alone = compute_cams(model, x[b : b + 1], layer=LAYER, method=method)
         assert alone.classes.tolist() == [[top1[b]]]
         torch.testing.assert_close(result.maps[b], alone.maps[0], rtol=0, atol=1e-5 * float(alone.maps.max()))
     assert_maps_match(result.maps, expected_maps(model, x, method, torch.tensor(top1)[:, None]))
@@ -227,9 +238,10 @@ def test_top_k_equals_one_computation_per_class(model, method):
     assert torch.equal(result.classes.cpu(), top3)
     for b in range(2):
         for k in range(3):
-            single = compute_cams(model, x[b:b + 1], layer=LAYER, method=method, classes=[int(top3[b, k])])
-            torch.testing.assert_close(result.maps[b, k], single.maps[0, 0], rtol=0,
-                                       atol=1e-5 * float(single.maps.max()) + 1e-12)
+            single = compute_cams(model, x[b : b + 1], layer=LAYER, method=method, classes=[int(top3[b, k])])
+            torch.testing.assert_close(
+                result.maps[b, k], single.maps[0, 0], rtol=0, atol=1e-5 * float(single.maps.max()) + 1e-12
+            )
     assert_maps_match(result.maps, expected_maps(model, x, method, top3))
 
 

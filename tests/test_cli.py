@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import hookviz, json_lines
 from PIL import Image
+from process_helpers import subprocess_env
 from torchvision.transforms import functional as TF
 
-from cli_helpers import hookviz, json_lines
-from process_helpers import subprocess_env
 from hookviz.cli import main
 from hookviz.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-
 
 # --- layers --------------------------------------------------------------------------------------
 
@@ -53,11 +52,25 @@ def test_layers_json():
 def test_fmaps_json_records_and_pngs(tmp_images, tmp_path):
     image, out = tmp_images["rgb_jpeg"], tmp_path / "out"
 
-    result = hookviz("fmaps", "resnet18", image, "--weights", "none", "--size", "64",
-                     "-l", "layer1.0.conv1", "-l", "layer2", "-o", out, "--json")
+    result = hookviz(
+        "fmaps",
+        "resnet18",
+        image,
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "-l",
+        "layer1.0.conv1",
+        "-l",
+        "layer2",
+        "-o",
+        out,
+        "--json",
+    )
 
     assert result.exit_code == 0, result.stderr
-    record, = json_lines(result.stdout)
+    (record,) = json_lines(result.stdout)
     assert record["input"] == str(image)
     assert record["status"] == "ok" and record["error"] is None
     assert [(o["kind"], o["layer"]) for o in record["outputs"]] == [("fmap", "layer1.0.conv1"), ("fmap", "layer2")]
@@ -76,11 +89,25 @@ def test_fmaps_json_records_and_pngs(tmp_images, tmp_path):
 
 
 def test_fmaps_max_channels(tmp_images, tmp_path):
-    result = hookviz("fmaps", "resnet18", tmp_images["rgb_jpeg"], "--weights", "none", "--size", "64",
-                     "-l", "layer2", "--max-channels", "4", "-o", tmp_path / "out", "--json")
+    result = hookviz(
+        "fmaps",
+        "resnet18",
+        tmp_images["rgb_jpeg"],
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "-l",
+        "layer2",
+        "--max-channels",
+        "4",
+        "-o",
+        tmp_path / "out",
+        "--json",
+    )
 
     assert result.exit_code == 0, result.stderr
-    output, = json_lines(result.stdout)[0]["outputs"]
+    (output,) = json_lines(result.stdout)[0]["outputs"]
     assert len(output["channels"]) == 4 and len(set(output["channels"])) == 4
     assert all(0 <= c < 128 for c in output["channels"])
     with Image.open(output["png"]) as grid:
@@ -91,11 +118,25 @@ def test_fmaps_max_channels(tmp_images, tmp_path):
 def test_fmaps_save_raw_writes_the_activation(tmp_images, tmp_path, saved_models, resnet18_10):
     image = tmp_images["rgb_jpeg"]
 
-    result = hookviz("fmaps", saved_models["state_dict"], image, "--arch", "resnet18", "--size", "64",
-                     "-l", "layer1.0.conv1", "--save-raw", "-o", tmp_path / "out", "--json", "-q")
+    result = hookviz(
+        "fmaps",
+        saved_models["state_dict"],
+        image,
+        "--arch",
+        "resnet18",
+        "--size",
+        "64",
+        "-l",
+        "layer1.0.conv1",
+        "--save-raw",
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "-q",
+    )
 
     assert result.exit_code == 0, result.stderr
-    output, = json_lines(result.stdout)[0]["outputs"]
+    (output,) = json_lines(result.stdout)[0]["outputs"]
     raw = np.load(output["raw"])
     assert raw.dtype == np.float32 and raw.shape == (64, 16, 16)
     # The same activation computed here: the whole image resized to 64x64, normalized, run by hand.
@@ -115,8 +156,9 @@ def test_fmaps_folder_with_a_broken_image(tmp_images, tmp_path):
     shutil.copy(tmp_images["truncated_jpeg"], folder / "broken.jpg")
     out = tmp_path / "out"
 
-    result = hookviz("fmaps", "resnet18", folder, "--weights", "none", "--size", "64",
-                     "-l", "layer1", "-o", out, "--json", "-q")
+    result = hookviz(
+        "fmaps", "resnet18", folder, "--weights", "none", "--size", "64", "-l", "layer1", "-o", out, "--json", "-q"
+    )
 
     assert result.exit_code == 1
     records = {record["input"]: record for record in json_lines(result.stdout)}
@@ -126,15 +168,28 @@ def test_fmaps_folder_with_a_broken_image(tmp_images, tmp_path):
     assert broken["status"] == "error" and broken["outputs"] == []
     assert str(folder / "broken.jpg") in broken["error"]
     assert not (out / "broken").exists()
-    error_line, = result.stderr.splitlines()
+    (error_line,) = result.stderr.splitlines()
     assert error_line.startswith("hookviz: error: ") and str(folder / "broken.jpg") in error_line
 
 
 def test_fmaps_without_json_prints_png_paths(tmp_images, tmp_path):
     out = tmp_path / "out"
 
-    result = hookviz("fmaps", "resnet18", tmp_images["rgb_jpeg"], "--weights", "none", "--size", "64",
-                     "-l", "layer1", "-l", "layer3", "-o", out)
+    result = hookviz(
+        "fmaps",
+        "resnet18",
+        tmp_images["rgb_jpeg"],
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "-l",
+        "layer1",
+        "-l",
+        "layer3",
+        "-o",
+        out,
+    )
 
     assert result.exit_code == 0, result.stderr
     stem = tmp_images["rgb_jpeg"].stem
@@ -143,11 +198,23 @@ def test_fmaps_without_json_prints_png_paths(tmp_images, tmp_path):
 
 
 def test_fmaps_unknown_layer_is_a_one_line_usage_error(tmp_images, tmp_path):
-    result = hookviz("fmaps", "resnet18", tmp_images["rgb_jpeg"], "--weights", "none", "--size", "64",
-                     "-l", "layer5", "-o", tmp_path / "out", "-q")
+    result = hookviz(
+        "fmaps",
+        "resnet18",
+        tmp_images["rgb_jpeg"],
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "-l",
+        "layer5",
+        "-o",
+        tmp_path / "out",
+        "-q",
+    )
 
     assert result.exit_code == 2
-    line, = result.stderr.splitlines()
+    (line,) = result.stderr.splitlines()
     assert line.startswith("hookviz: error:")
     assert "did you mean" in line and "layer4" in line
     assert result.stdout == ""
@@ -171,8 +238,21 @@ def test_fmaps_same_stem_in_two_folders_gets_two_output_folders(tmp_images, tmp_
         shutil.copy(tmp_images["rgb_jpeg"], tmp_path / folder / "cat.jpg")
     out = tmp_path / "out"
 
-    result = hookviz("fmaps", "resnet18", tmp_path / "day" / "cat.jpg", tmp_path / "night" / "cat.jpg",
-                     "--weights", "none", "--size", "64", "-l", "layer1", "-o", out, "--json")
+    result = hookviz(
+        "fmaps",
+        "resnet18",
+        tmp_path / "day" / "cat.jpg",
+        tmp_path / "night" / "cat.jpg",
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "-l",
+        "layer1",
+        "-o",
+        out,
+        "--json",
+    )
 
     assert result.exit_code == 0, result.stderr
     pngs = [record["outputs"][0]["png"] for record in json_lines(result.stdout)]
@@ -187,11 +267,23 @@ def test_fmaps_same_stem_in_two_folders_gets_two_output_folders(tmp_images, tmp_
 
 
 def test_fmaps_non_spatial_layer_is_a_usage_error(tmp_images, tmp_path):
-    result = hookviz("fmaps", "resnet18", tmp_images["rgb_jpeg"], "--weights", "none", "--size", "64",
-                     "-l", "fc", "-o", tmp_path / "out", "-q")
+    result = hookviz(
+        "fmaps",
+        "resnet18",
+        tmp_images["rgb_jpeg"],
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "-l",
+        "fc",
+        "-o",
+        tmp_path / "out",
+        "-q",
+    )
 
     assert result.exit_code == 2
-    line, = result.stderr.splitlines()
+    (line,) = result.stderr.splitlines()
     assert line.startswith("hookviz: error:") and "'fc'" in line
 
 
@@ -204,8 +296,9 @@ def test_bad_size_is_rejected_by_click():
 
 def test_fmaps_default_layers_skip_convs_that_do_not_run(tmp_images, tmp_path, nets):
     """nets.WithAuxHead has a conv head that runs only in training mode, like googlenet / inception_v3."""
-    result = hookviz("fmaps", "nets:build_with_aux_head", tmp_images["rgb_jpeg"], "--size", "32",
-                     "-o", tmp_path / "out", "--json")
+    result = hookviz(
+        "fmaps", "nets:build_with_aux_head", tmp_images["rgb_jpeg"], "--size", "32", "-o", tmp_path / "out", "--json"
+    )
 
     assert result.exit_code == 0, result.stderr
     assert [o["layer"] for o in json_lines(result.stdout)[0]["outputs"]] == ["conv"]
@@ -214,24 +307,49 @@ def test_fmaps_default_layers_skip_convs_that_do_not_run(tmp_images, tmp_path, n
 @pytest.fixture
 def static_batch_program(tmp_path):
     """A .pt2 exported the simplest way, ``torch.export.export(m, (x,))``: its batch size is fixed at 1."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    ).eval()
     path = tmp_path / "static.pt2"
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), path)
     return path
 
 
 def test_fmaps_static_batch_program_one_image_at_a_time(static_batch_program, tmp_images, tmp_path):
-    result = hookviz("fmaps", static_batch_program, tmp_images["rgb_jpeg"], tmp_images["bmp"],
-                     "-l", "0", "--batch-size", "1", "-o", tmp_path / "out", "--json")
+    result = hookviz(
+        "fmaps",
+        static_batch_program,
+        tmp_images["rgb_jpeg"],
+        tmp_images["bmp"],
+        "-l",
+        "0",
+        "--batch-size",
+        "1",
+        "-o",
+        tmp_path / "out",
+        "--json",
+    )
 
     assert result.exit_code == 0, result.stderr
     assert [record["status"] for record in json_lines(result.stdout)] == ["ok", "ok"]
 
 
 def test_fmaps_static_batch_program_with_several_images(static_batch_program, tmp_images, tmp_path):
-    result = hookviz("fmaps", static_batch_program, tmp_images["rgb_jpeg"], tmp_images["bmp"],
-                     "-l", "0", "-o", tmp_path / "out", "--json")
+    result = hookviz(
+        "fmaps",
+        static_batch_program,
+        tmp_images["rgb_jpeg"],
+        tmp_images["bmp"],
+        "-l",
+        "0",
+        "-o",
+        tmp_path / "out",
+        "--json",
+    )
 
     assert result.exit_code == 0, result.stderr
     assert [record["status"] for record in json_lines(result.stdout)] == ["ok", "ok"]
@@ -243,15 +361,17 @@ def test_fmaps_static_batch_program_with_several_images(static_batch_program, tm
 def test_importing_the_cli_does_not_import_torch():
     code = "import hookviz.cli, sys; assert 'torch' not in sys.modules, 'torch was imported'"
 
-    completed = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
-                               timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
 
     assert completed.returncode == 0, completed.stderr
 
 
 def test_python_dash_m_hookviz_help():
-    completed = subprocess.run([sys.executable, "-m", "hookviz", "--help"], env=subprocess_env(), capture_output=True,
-                               text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-m", "hookviz", "--help"], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
 
     assert completed.returncode == 0, completed.stderr
     assert "Usage: hookviz" in completed.stdout

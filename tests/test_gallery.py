@@ -22,14 +22,22 @@ import pytest
 from PIL import Image
 
 from hookviz import gallery
-from hookviz.manifest import Manifest
 from hookviz.gallery import gallery_from_manifest, write_gallery
+from hookviz.manifest import Manifest
 
 NASTY_LABEL = "<script>alert(1)</script>"
 NASTY_NAME = "cat #1 & 'q' \"x\" <y>.png"  # every character that breaks HTML or a URL left raw
-HEADER = {"type": "run", "run": "r1", "started": "2026-01-02T03:04:05+00:00", "hookviz": "0.1.0",
-          "command": "gradcam", "model": "resnet50", "device": "cpu",
-          "settings": {"method": "gradcam", "layer": "layer4", "classes": None, "top_k": 2}, "inputs": 3}
+HEADER = {
+    "type": "run",
+    "run": "r1",
+    "started": "2026-01-02T03:04:05+00:00",
+    "hookviz": "0.1.0",
+    "command": "gradcam",
+    "model": "resnet50",
+    "device": "cpu",
+    "settings": {"method": "gradcam", "layer": "layer4", "classes": None, "top_k": 2},
+    "inputs": 3,
+}
 
 
 class Page(HTMLParser):
@@ -73,8 +81,15 @@ def png(path: Path, size=(64, 48), color=(200, 40, 40)) -> Path:
 
 
 def cam(png_path: Path, label="tabby", klass=281, score=0.61) -> dict:
-    return {"kind": "cam", "method": "gradcam", "layer": "layer4", "class": klass, "label": label, "score": score,
-            "png": str(png_path)}
+    return {
+        "kind": "cam",
+        "method": "gradcam",
+        "layer": "layer4",
+        "class": klass,
+        "label": label,
+        "score": score,
+        "png": str(png_path),
+    }
 
 
 def ok(input_path: Path, *outputs: dict, **extra) -> dict:
@@ -94,8 +109,10 @@ def test_labels_paths_and_errors_are_escaped(tmp_path):
     photo = png(tmp_path / "in & <dir>" / NASTY_NAME)
     out = tmp_path / "out"
     overlay = png(out / "cat" / "gradcam_layer4_c281.png")
-    records = [ok(photo, cam(overlay, label=NASTY_LABEL), predictions=[{"class": 1, "label": NASTY_LABEL, "score": 0.5}]),
-               failed(tmp_path / 'bad "one" & <two>.jpg', f"cannot read {NASTY_LABEL} & \"friends\"")]
+    records = [
+        ok(photo, cam(overlay, label=NASTY_LABEL), predictions=[{"class": 1, "label": NASTY_LABEL, "score": 0.5}]),
+        failed(tmp_path / 'bad "one" & <two>.jpg', f'cannot read {NASTY_LABEL} & "friends"'),
+    ]
     text = write_gallery(out, records, HEADER).read_text(encoding="utf-8")
 
     assert text.count("<script") == 1  # the page's own few lines, nothing from the data
@@ -119,9 +136,17 @@ def test_links_are_relative_and_resolve_to_the_files(tmp_path, monkeypatch):
         raw.write_bytes(b"npy")
         records.append(ok(photo, {"kind": "fmap", "layer": "layer1", "png": str(grid), "raw": str(raw)}))
     monkeypatch.chdir(tmp_path)  # recorded paths relative to the run's working directory, as the CLI writes them
-    records = [{**record, "input": os.path.relpath(record["input"]),
-                "outputs": [{**output, "png": os.path.relpath(output["png"]), "raw": os.path.relpath(output["raw"])}
-                            for output in record["outputs"]]} for record in records]
+    records = [
+        {
+            **record,
+            "input": os.path.relpath(record["input"]),
+            "outputs": [
+                {**output, "png": os.path.relpath(output["png"]), "raw": os.path.relpath(output["raw"])}
+                for output in record["outputs"]
+            ],
+        }
+        for record in records
+    ]
     page = Page(write_gallery(Path("runs/maps"), records, HEADER).read_text(encoding="utf-8"))
 
     links = page.links()
@@ -189,12 +214,20 @@ def test_latest_record_per_input_wins_across_runs(tmp_path):
         manifest.append({**HEADER, "run": shard, "model": "second-model"})
     manifest.append({"type": "input", "run": "r2", **ok(c, cam(second, label="only-c"))})
     manifest.append({"type": "input", "run": "r3", **ok(a, cam(second, label="new-a"))})
-    manifest.append({"type": "input", "run": "r2", "input": str(b), "status": "skipped", "error": None,
-                     "outputs": [cam(first, label="old-b")]})
+    manifest.append(
+        {
+            "type": "input",
+            "run": "r2",
+            "input": str(b),
+            "status": "skipped",
+            "error": None,
+            "outputs": [cam(first, label="old-b")],
+        }
+    )
 
     text = gallery_from_manifest(out).read_text(encoding="utf-8")
     page = Page(text)
-    cards = [attrs for attrs in page.all("article")]
+    cards = list(page.all("article"))
     assert len(cards) == 3 and [attrs["class"] for attrs in cards] == ["card ok", "card skipped", "card ok"]
     assert "new-a" in page.visible and "out of memory" not in page.visible and "Failed inputs" not in page.visible
     assert "second-model" in page.visible and "first-model" not in page.visible
@@ -205,9 +238,17 @@ def test_a_thousand_inputs_build_fast_with_lazy_sized_thumbnails(tmp_path):
     out = tmp_path / "out"
     shared = [png(tmp_path / f"in{k}.png") for k in range(4)]
     overlays = [png(out / f"s{k}" / "gradcam_layer4_c1.png", size=(224, 160)) for k in range(4)]
-    records = [ok(shared[n % 4], cam(overlays[n % 4]), cam(overlays[(n + 1) % 4], label=f"label {n}"),
-                  {"kind": "fmap", "layer": "layer1", "png": str(out / f"gone{n}" / "fmap_layer1.png")})
-               if n % 50 else failed(tmp_path / f"bad{n}.jpg", "truncated file") for n in range(1000)]
+    records = [
+        ok(
+            shared[n % 4],
+            cam(overlays[n % 4]),
+            cam(overlays[(n + 1) % 4], label=f"label {n}"),
+            {"kind": "fmap", "layer": "layer1", "png": str(out / f"gone{n}" / "fmap_layer1.png")},
+        )
+        if n % 50
+        else failed(tmp_path / f"bad{n}.jpg", "truncated file")
+        for n in range(1000)
+    ]
     started = time.perf_counter()
     path = write_gallery(out, records, HEADER)
     elapsed = time.perf_counter() - started
@@ -263,9 +304,22 @@ def browser_run(tmp_path: Path, name: str) -> Path:
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=10000", *args],
-        capture_output=True, text=True, timeout=90, env={**os.environ, "HOME": str(tmp_path)})
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--virtual-time-budget=10000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
 
 
 def rendered(tmp_path: Path, page: Path) -> dict[str, int]:
@@ -296,4 +350,3 @@ def test_a_real_browser_renders_every_picture(tmp_path):
     assert len(Page(good.read_text(encoding="utf-8")).all("img")) == 8  # 4 originals + 4 overlays; the failure has none
     tally = rendered(tmp_path, good)
     assert tally == {"total": 8, "loaded": 8, "broken": 0}, tally
-

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import write_noise_image as write_image
 from click.testing import CliRunner
+from nets import build_clinet
 from PIL import Image
 
-from cli_helpers import write_noise_image as write_image
 from hookviz.cli import main
-from nets import build_clinet
 
 MODEL = "nets:build_clinet"  # 10 classes, seeded
 NUM_CLASSES = 10
@@ -78,8 +78,20 @@ def minmax(values: np.ndarray) -> np.ndarray:
 
 def test_two_classes_give_two_overlays_per_image(project):
     images = [write_image(project / "wide.png", 72, 40, seed=1), write_image(project / "tall.png", 30, 54, seed=2)]
-    code, records, stderr = gradcam(MODEL, *map(str, images), *MODEL_OPTIONS, "-l", "relu2",
-                                    "--class", "3", "--class", "5", "--json", "-o", str(project / "out"))
+    code, records, stderr = gradcam(
+        MODEL,
+        *map(str, images),
+        *MODEL_OPTIONS,
+        "-l",
+        "relu2",
+        "--class",
+        "3",
+        "--class",
+        "5",
+        "--json",
+        "-o",
+        str(project / "out"),
+    )
     assert code == 0, stderr
     assert [record["input"] for record in records] == [str(path) for path in images]
     for path, record in zip(images, records):
@@ -94,8 +106,10 @@ def test_two_classes_give_two_overlays_per_image(project):
         np.testing.assert_allclose(scores, expected.values.numpy(), atol=2e-6)
         assert all(p["label"] == f"class {p['class']}" for p in predictions)  # no --labels: placeholder names
 
-        assert [(o["method"], o["class"], o["layer"]) for o in record["outputs"]] == [("gradcam", 3, "relu2"),
-                                                                                      ("gradcam", 5, "relu2")]
+        assert [(o["method"], o["class"], o["layer"]) for o in record["outputs"]] == [
+            ("gradcam", 3, "relu2"),
+            ("gradcam", 5, "relu2"),
+        ]
         pngs = [Path(o["png"]) for o in record["outputs"]]
         assert len(set(pngs)) == 2
         for output, png in zip(record["outputs"], pngs):
@@ -112,8 +126,9 @@ def test_top_k_explains_the_most_probable_classes(project):
     ranked = probabilities.sort(descending=True)
     assert ranked.values[1] - ranked.values[2] > 1e-3, "2nd and 3rd classes too close to tell apart"
 
-    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "--top-k", "2",
-                                      "--json", "-o", str(project / "out"))
+    code, (record,), stderr = gradcam(
+        MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "--top-k", "2", "--json", "-o", str(project / "out")
+    )
     assert code == 0, stderr
     assert [o["class"] for o in record["outputs"]] == ranked.indices[:2].tolist()
     assert [o["score"] for o in record["outputs"]] == pytest.approx(ranked.values[:2].tolist(), abs=2e-6)
@@ -121,9 +136,20 @@ def test_top_k_explains_the_most_probable_classes(project):
 
 def test_class_by_label_name(project):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--labels",
-                                      str(project / "labels.txt"), "--class", "Dog", "--class", "lamp", "--json",
-                                      "-o", str(project / "out"))
+    code, (record,), stderr = gradcam(
+        MODEL,
+        str(image),
+        *MODEL_OPTIONS,
+        "--labels",
+        str(project / "labels.txt"),
+        "--class",
+        "Dog",
+        "--class",
+        "lamp",
+        "--json",
+        "-o",
+        str(project / "out"),
+    )
     assert code == 0, stderr
     assert [(o["class"], o["label"]) for o in record["outputs"]] == [(1, "dog"), (8, "lamp")]
     assert all(p["label"] == LABELS[p["class"]] for p in record["predictions"])
@@ -131,8 +157,17 @@ def test_class_by_label_name(project):
 
 def test_unknown_label_name_suggests_close_names(project):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, records, stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--labels",
-                                    str(project / "labels.txt"), "--class", "dgo", "-o", str(project / "out"))
+    code, records, stderr = gradcam(
+        MODEL,
+        str(image),
+        *MODEL_OPTIONS,
+        "--labels",
+        str(project / "labels.txt"),
+        "--class",
+        "dgo",
+        "-o",
+        str(project / "out"),
+    )
     assert code == 2
     assert records == []
     assert "did you mean" in stderr and "dog" in stderr
@@ -142,8 +177,7 @@ def test_unknown_label_name_suggests_close_names(project):
 @pytest.mark.parametrize("value", ["99999", "10", "-1"])
 def test_class_index_out_of_range_names_the_range(project, value):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, records, stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--class", value,
-                                    "-o", str(project / "out"))
+    code, records, stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--class", value, "-o", str(project / "out"))
     assert code == 2
     assert value in stderr and f"0..{NUM_CLASSES - 1}" in stderr
     assert "Traceback" not in stderr
@@ -151,8 +185,9 @@ def test_class_index_out_of_range_names_the_range(project, value):
 
 def test_class_and_top_k_together_is_a_usage_error(project):
     image = write_image(project / "photo.png", 64, 48, seed=4)
-    code, _, stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "--class", "1", "--top-k", "2",
-                              "-o", str(project / "out"))
+    code, _, stderr = gradcam(
+        MODEL, str(image), *MODEL_OPTIONS, "--class", "1", "--top-k", "2", "-o", str(project / "out")
+    )
     assert code == 2 and "--top-k" in stderr
 
 
@@ -167,8 +202,19 @@ def test_default_layer_is_the_last_spatial_layer(project):
 def test_every_method_runs(project, method):
     image = write_image(project / "photo.png", 50, 70, seed=6)
     top1 = int(reference_probabilities(image).argmax())
-    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "-m", method,
-                                      "--save-raw", "--json", "-o", str(project / "out"))
+    code, (record,), stderr = gradcam(
+        MODEL,
+        str(image),
+        *MODEL_OPTIONS,
+        "-l",
+        "relu2",
+        "-m",
+        method,
+        "--save-raw",
+        "--json",
+        "-o",
+        str(project / "out"),
+    )
     assert code == 0, stderr
     (output,) = record["outputs"]
     assert (output["method"], output["class"]) == (method, top1)
@@ -183,8 +229,19 @@ def test_every_method_runs(project, method):
 def test_save_raw_is_the_normalized_map_at_the_original_resolution(project):
     width, height = 90, 40
     image = write_image(project / "wide.png", width, height, seed=7)
-    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "--class", "2",
-                                      "--save-raw", "--json", "-o", str(project / "out"))
+    code, (record,), stderr = gradcam(
+        MODEL,
+        str(image),
+        *MODEL_OPTIONS,
+        "-l",
+        "relu2",
+        "--class",
+        "2",
+        "--save-raw",
+        "--json",
+        "-o",
+        str(project / "out"),
+    )
     assert code == 0, stderr
     heat = np.load(record["outputs"][0]["raw"])
     assert heat.dtype == np.float32 and heat.shape == (height, width)
@@ -202,8 +259,21 @@ def test_eigencam_is_class_independent(project):
     """Eigen-CAM ignores the class: with --top-k 2 both overlays carry the same heatmap."""
     image = write_image(project / "photo.png", 64, 48, seed=8)
     ranked = reference_probabilities(image).sort(descending=True).indices
-    code, (record,), stderr = gradcam(MODEL, str(image), *MODEL_OPTIONS, "-l", "relu2", "-m", "eigencam",
-                                      "--top-k", "2", "--save-raw", "--json", "-o", str(project / "out"))
+    code, (record,), stderr = gradcam(
+        MODEL,
+        str(image),
+        *MODEL_OPTIONS,
+        "-l",
+        "relu2",
+        "-m",
+        "eigencam",
+        "--top-k",
+        "2",
+        "--save-raw",
+        "--json",
+        "-o",
+        str(project / "out"),
+    )
     assert code == 0, stderr
     assert [o["class"] for o in record["outputs"]] == ranked[:2].tolist()
     first, second = (np.load(o["raw"]) for o in record["outputs"])

@@ -24,7 +24,9 @@ def test_guided_backprop_matches_captum():
     for module in reference_model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False
-    theirs = torch.cat([GuidedBackprop(reference_model).attribute(x[i:i + 1], target=int(classes[i, 0])) for i in range(2)])
+    theirs = torch.cat(
+        [GuidedBackprop(reference_model).attribute(x[i : i + 1], target=int(classes[i, 0])) for i in range(2)]
+    )
 
     assert theirs.abs().max() > 0
     correlation = torch.corrcoef(torch.stack([ours[:, 0].flatten(), theirs.flatten()]))[0, 1]

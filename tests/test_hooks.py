@@ -33,7 +33,7 @@ def reference_layer_gradient(model: nn.Module, x: torch.Tensor, layer: str, clas
     try:
         with torch.enable_grad():
             logits = model(x.clone().requires_grad_(True))
-            gradient, = torch.autograd.grad(logits[0, class_index], kept["out"])
+            (gradient,) = torch.autograd.grad(logits[0, class_index], kept["out"])
     finally:
         handle.remove()
     return kept["out"].detach(), gradient
@@ -93,18 +93,16 @@ def test_hooks_are_removed_after_success(resnet, batch):
 
 
 def test_hooks_are_removed_after_an_exception_in_the_block(resnet, batch):
-    with pytest.raises(KeyError, match="boom"):
-        with capture(resnet, ["conv1", "layer2"], grad=True):
-            resnet(batch)
-            raise KeyError("boom")
+    with pytest.raises(KeyError, match="boom"), capture(resnet, ["conv1", "layer2"], grad=True):
+        resnet(batch)
+        raise KeyError("boom")
 
     assert no_hooks_left(resnet)
 
 
 def test_unknown_layer_suggests_close_names_and_registers_nothing(resnet):
-    with pytest.raises(UsageError, match="did you mean") as info:
-        with capture(resnet, ["conv1", "layer5"]):
-            pass  # pragma: no cover
+    with pytest.raises(UsageError, match="did you mean") as info, capture(resnet, ["conv1", "layer5"]):
+        pass  # pragma: no cover
 
     assert "'layer5'" in str(info.value) and "layer4" in str(info.value)
     assert no_hooks_left(resnet)
@@ -121,9 +119,8 @@ def test_train_and_eval_flags_are_restored(resnet, batch):
         resnet(batch)
     assert {name: module.training for name, module in resnet.named_modules()} == before
 
-    with pytest.raises(RuntimeError):
-        with capture(resnet, ["layer3"]):
-            resnet(torch.zeros(1, 5, 64, 64))  # wrong number of channels
+    with pytest.raises(RuntimeError), capture(resnet, ["layer3"]):
+        resnet(torch.zeros(1, 5, 64, 64))  # wrong number of channels
     assert {name: module.training for name, module in resnet.named_modules()} == before
 
 
@@ -169,10 +166,9 @@ def test_grad_mode_is_restored(resnet, batch, outer_grad_mode):
             resnet(batch)
         assert torch.is_grad_enabled() is outer_grad_mode
 
-        with pytest.raises(ZeroDivisionError):
-            with capture(resnet, ["layer3"], grad=True):
-                resnet(batch)
-                1 / 0
+        with pytest.raises(ZeroDivisionError), capture(resnet, ["layer3"], grad=True):
+            resnet(batch)
+            1 / 0
         assert torch.is_grad_enabled() is outer_grad_mode
 
 
@@ -184,7 +180,7 @@ def test_gradient_at_a_captured_layer_equals_full_autograd(resnet, batch):
 
     with capture(resnet, ["layer3"], grad=True) as activations:
         logits = resnet(batch)
-    gradient, = torch.autograd.grad(logits[0, 42], activations["layer3"])
+    (gradient,) = torch.autograd.grad(logits[0, 42], activations["layer3"])
 
     assert torch.allclose(activations["layer3"], expected_output, atol=1e-6)
     assert torch.allclose(gradient, expected_gradient, atol=1e-6)
@@ -198,7 +194,7 @@ def test_gradient_works_with_frozen_parameters(resnet, batch):
 
     with capture(resnet, ["layer4"], grad=True) as activations:
         logits = resnet(batch)
-    gradient, = torch.autograd.grad(logits[0, 7], activations["layer4"])
+    (gradient,) = torch.autograd.grad(logits[0, 7], activations["layer4"])
 
     assert torch.allclose(gradient, expected_gradient, atol=1e-6)
     assert not any(p.requires_grad for p in resnet.parameters())
@@ -310,7 +306,7 @@ def test_gradient_through_a_dict_output_layer():
 
     with capture(model, ["block"], grad=True) as activations:
         output = model(x)
-    gradient, = torch.autograd.grad(output[0, 1], activations["block"])
+    (gradient,) = torch.autograd.grad(output[0, 1], activations["block"])
 
     # d head(relu(f))[1] / d f = head.weight[1] where f > 0, else 0
     expected = model.head.weight[1] * (activations["block"] > 0)

@@ -14,13 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import (
+    GRADCAM,
+    RED,
+    TINY,
+    hookviz,
+    image_folder,
+    inputs_of,
+    json_lines,
+    pngs_of,
+    read_manifest,
+    write_broken,
+    write_solid_png,
+)
 from PIL import Image
 
-from cli_helpers import (GRADCAM, RED, TINY, hookviz, image_folder, inputs_of, json_lines, pngs_of, read_manifest,
-                         write_broken, write_solid_png)
 from hookviz.errors import InputError
 from hookviz.images import load_image
-
 
 # --- hostile and broken images --------------------------------------------------------------------
 
@@ -32,8 +42,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(width: int, height: int) -> bytes:
     """A 100-byte PNG whose header declares width x height RGB pixels (its pixel data is a few bytes)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def truncated_png() -> bytes:
@@ -64,7 +78,11 @@ def hostile_folder(tmp_path, tmp_images) -> tuple[Path, dict[str, str | None]]:
     write("truncated.png", truncated_png(), "cannot decode image (image file is truncated)")
     copy("fake_jpeg", "text.jpg", "not an image hookviz can read")
     copy("empty_png", "empty.png", "not an image hookviz can read")
-    write("bomb.png", bomb_png(20000, 20000), "possible decompression bomb; if you trust it, raise the limit with --max-pixels")
+    write(
+        "bomb.png",
+        bomb_png(20000, 20000),
+        "possible decompression bomb; if you trust it, raise the limit with --max-pixels",
+    )
     write_solid_png(folder / "one_pixel.png", size=(1, 1))
     expected["one_pixel.png"] = None
     write_solid_png(folder / "long.png", size=(10000, 100))
@@ -105,8 +123,26 @@ def test_a_folder_of_hostile_images_fails_only_the_bad_ones(hostile_folder, tmp_
     folder, expected = hostile_folder
     out = tmp_path / "out"
 
-    result = hookviz("fmaps", *TINY, folder, "-l", "inp", "-l", "relu2", "--mean", "0,0,0", "--std", "1,1,1",
-                     "--save-raw", "--workers", workers, "-o", out, "--json", "-q")
+    result = hookviz(
+        "fmaps",
+        *TINY,
+        folder,
+        "-l",
+        "inp",
+        "-l",
+        "relu2",
+        "--mean",
+        "0,0,0",
+        "--std",
+        "1,1,1",
+        "--save-raw",
+        "--workers",
+        workers,
+        "-o",
+        out,
+        "--json",
+        "-q",
+    )
 
     assert result.exit_code == 1, result.stderr
     records = json_lines(result.stdout)
@@ -127,7 +163,7 @@ def test_a_folder_of_hostile_images_fails_only_the_bad_ones(hostile_folder, tmp_
 
     # The animated GIF's first frame (red) is what the model saw: --save-raw of the Identity input layer
     # with mean 0 and std 1 is the model input in [0, 1].
-    gif, = (record for record in records if record["input"].endswith("animated.gif"))
+    (gif,) = (record for record in records if record["input"].endswith("animated.gif"))
     pixels = np.load(next(output["raw"] for output in gif["outputs"] if output["layer"] == "inp"))
     assert pixels.shape == (3, 32, 32)
     assert abs(pixels[0].mean() - RED[0] / 255) < 0.03 and abs(pixels[2].mean() - RED[2] / 255) < 0.03
@@ -142,8 +178,10 @@ def test_max_pixels_refuses_a_larger_image_and_a_higher_limit_accepts_it(tmp_pat
     accepted = hookviz("gradcam", *TINY, image, "--max-pixels", "100000", "-o", out, "-q")
 
     assert refused.exit_code == 1
-    assert refused.stderr == (f"hookviz: error: {image}: image has more than 1,000 pixels, a possible decompression bomb; "
-                              "if you trust it, raise the limit with --max-pixels\n")
+    assert refused.stderr == (
+        f"hookviz: error: {image}: image has more than 1,000 pixels, a possible decompression bomb; "
+        "if you trust it, raise the limit with --max-pixels\n"
+    )
     assert accepted.exit_code == 0, accepted.stderr
     assert accepted.stderr == ""
     assert len(accepted.stdout.splitlines()) == 1 and Path(accepted.stdout.strip()).is_file()

@@ -24,7 +24,7 @@ def _encoded_samples() -> dict[str, bytes]:
     samples = {}
     for name, fmt, image, options in [
         ("png", "PNG", picture, {}),
-        ("png-16bit", "PNG", Image.fromarray((pixels[..., 0].astype(np.uint16) * 257)), {}),
+        ("png-16bit", "PNG", Image.fromarray(pixels[..., 0].astype(np.uint16) * 257), {}),
         ("png-palette-transparent", "PNG", picture.quantize(8), {"transparency": 0}),
         ("jpeg-exif", "JPEG", picture, {"exif": exif}),
         ("jpeg-cmyk", "JPEG", picture.convert("CMYK"), {}),
@@ -41,8 +41,16 @@ def _encoded_samples() -> dict[str, bytes]:
 
 
 SAMPLES = _encoded_samples()
-MAGIC_NUMBERS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"GIF87a", b"BM", b"II*\x00", b"MM\x00*",
-                 b"RIFF\x24\x00\x00\x00WEBPVP8 "]
+MAGIC_NUMBERS = [
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"GIF89a",
+    b"GIF87a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF\x24\x00\x00\x00WEBPVP8 ",
+]
 
 
 @st.composite
@@ -87,7 +95,9 @@ def _random_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
     if mode == "1":
         return Image.fromarray(rng.integers(0, 2, (height, width)).astype(bool))
     bands = len(Image.new(mode, (1, 1)).getbands())
-    image = Image.frombytes(mode, (width, height), rng.integers(0, 256, (height, width, bands), dtype=np.uint8).tobytes())
+    image = Image.frombytes(
+        mode, (width, height), rng.integers(0, 256, (height, width, bands), dtype=np.uint8).tobytes()
+    )
     if mode == "P":
         image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
     return image
@@ -97,8 +107,13 @@ FORMATS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "TIFF": 
 
 
 @settings(FUZZ, max_examples=150)
-@given(mode=st.sampled_from(["L", "RGB", "RGBA", "P", "I;16", "CMYK", "1", "LA"]), fmt=st.sampled_from(sorted(FORMATS)),
-       width=st.integers(1, 64), height=st.integers(1, 64), seed=st.integers(0, 2**32 - 1))
+@given(
+    mode=st.sampled_from(["L", "RGB", "RGBA", "P", "I;16", "CMYK", "1", "LA"]),
+    fmt=st.sampled_from(sorted(FORMATS)),
+    width=st.integers(1, 64),
+    height=st.integers(1, 64),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_fuzz_every_valid_mode_and_format_decodes_to_rgb_of_its_size(tmp_path, mode, fmt, width, height, seed):
     """Any image Pillow can save (mode x format x size) decodes to RGB at its size; lossless RGB exactly."""
     image = _random_image(mode, width, height, seed)

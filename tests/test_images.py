@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from cli_helpers import BLUE, GREEN, RED
 from PIL import Image
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms import functional as TF
 
-from cli_helpers import BLUE, GREEN, RED
 from hookviz.errors import InputError, UsageError
 from hookviz.images import collect_inputs, load_image, model_view, preprocess
 from hookviz.preprocessing import Preprocessing
@@ -122,8 +122,13 @@ def test_collect_inputs_expands_directories_recursively_and_sorted(tmp_path):
     found = collect_inputs([str(root)])
 
     # Sorted as paths: a_dir/e.bmp comes between a.jpg and b.png, although a walk would list it after them.
-    assert found == [root / "a.jpg", root / "a_dir" / "e.bmp", root / "b.png",
-                     root / "sub" / "c.JPG", root / "sub" / "deeper" / "d.webp"]
+    assert found == [
+        root / "a.jpg",
+        root / "a_dir" / "e.bmp",
+        root / "b.png",
+        root / "sub" / "c.JPG",
+        root / "sub" / "deeper" / "d.webp",
+    ]
 
 
 def test_collect_inputs_keeps_explicit_files_even_if_they_are_not_images(tmp_path):

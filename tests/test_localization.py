@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from nets import seeded
 from PIL import Image
 
-from nets import seeded
 from hookviz.cli import main
 
 MODEL = "nets:build_colournet"
@@ -45,7 +45,7 @@ def training_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torc
     for i in range(n):
         side = rng.integers(10, 22)
         top, left = rng.integers(0, MODEL_H - side + 1), rng.integers(0, MODEL_W - side + 1)
-        images[i, top:top + side, left:left + side] = COLOURS[labels[i]] + rng.uniform(-0.1, 0.1, 3)
+        images[i, top : top + side, left : left + side] = COLOURS[labels[i]] + rng.uniform(-0.1, 0.1, 3)
     pixels = torch.from_numpy(np.clip(images, 0, 1)).float().permute(0, 3, 1, 2)
     return (pixels - 0.5) / 0.5, torch.from_numpy(labels)
 
@@ -75,7 +75,9 @@ def project(tmp_path_factory, nets):
     return folder
 
 
-def scene(path: Path, colour: int, box: tuple[int, int, int, int], size=(ORIGINAL_H, ORIGINAL_W), seed: int = 5) -> Path:
+def scene(
+    path: Path, colour: int, box: tuple[int, int, int, int], size=(ORIGINAL_H, ORIGINAL_W), seed: int = 5
+) -> Path:
     """An original image: grey noise with a square of LABELS[colour] at box, saved as PNG."""
     rng = np.random.default_rng(seed)
     pixels = 0.5 + 0.1 * rng.standard_normal((*size, 3))
@@ -87,9 +89,26 @@ def scene(path: Path, colour: int, box: tuple[int, int, int, int], size=(ORIGINA
 
 def run_gradcam(project: Path, images: list[Path], out: Path, *extra: str) -> list[dict]:
     args = [
-        MODEL, *map(str, images), "--state-dict", str(project / "trained.pt"), "--size", f"{MODEL_H}x{MODEL_W}",
-        "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--labels", str(project / "labels.txt"), "-l", "relu3",
-        "--save-raw", "--json", "-o", str(out), "-q", *extra,
+        MODEL,
+        *map(str, images),
+        "--state-dict",
+        str(project / "trained.pt"),
+        "--size",
+        f"{MODEL_H}x{MODEL_W}",
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.5,0.5,0.5",
+        "--labels",
+        str(project / "labels.txt"),
+        "-l",
+        "relu3",
+        "--save-raw",
+        "--json",
+        "-o",
+        str(out),
+        "-q",
+        *extra,
     ]
     result = CliRunner().invoke(main, ["gradcam", *args])
     assert result.exit_code == 0, result.output
@@ -133,10 +152,12 @@ def pixels_seen_after_crop(width: int, height: int, crop_h: int, crop_w: int, re
     xs = np.arange(width)
     coordinates[..., 0], coordinates[..., 1] = xs % 256, xs // 256
     coordinates[..., 2] = np.arange(height)[:, None]
-    transform = transforms.Compose([
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.NEAREST),
-        transforms.CenterCrop((crop_h, crop_w)),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.NEAREST),
+            transforms.CenterCrop((crop_h, crop_w)),
+        ]
+    )
     crop = np.asarray(transform(Image.fromarray(coordinates))).astype(int)
     x, y = crop[..., 0] + 256 * crop[..., 1], crop[..., 2]
     return int(x.min()), int(y.min()), int(x.max()) + 1, int(y.max()) + 1
@@ -146,7 +167,9 @@ def test_crop_maps_the_heat_back_into_the_crop_box(project, tmp_path):
     """A 96x384 original with --crop: the model sees only the centre (shorter side resized to
     round(48 * 256 / 224) = 55, the ImageNet ratio, then a 48x96 centre crop)."""
     height, width = 96, 384
-    left, top, right, bottom = pixels_seen_after_crop(width, height, MODEL_H, MODEL_W, resize=round(MODEL_H * 256 / 224))
+    left, top, right, bottom = pixels_seen_after_crop(
+        width, height, MODEL_H, MODEL_W, resize=round(MODEL_H * 256 / 224)
+    )
     assert 100 < left < right < 290  # the crop is a centre part of the width
     square = (left + 14, 30, left + 44, 60)  # inside the crop, near its left edge, not at its centre
     image = scene(tmp_path / "wide.png", 0, square, size=(height, width))
@@ -159,7 +182,7 @@ def test_crop_maps_the_heat_back_into_the_crop_box(project, tmp_path):
 
     margin = 2  # pixels: the box edges fall between original pixels
     outside = np.ones(heat.shape, dtype=bool)
-    outside[max(0, top - margin):bottom + margin, left - margin:right + margin] = False
+    outside[max(0, top - margin) : bottom + margin, left - margin : right + margin] = False
     assert np.all(heat[outside] == 0)
     peak_y, peak_x = np.unravel_index(np.argmax(heat), heat.shape)
     assert square[0] <= peak_x < square[2] and square[1] <= peak_y < square[3]

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from cli_helpers import BATCHNET, GRADCAM, hookviz, image_folder, json_lines, read_manifest
+
 from hookviz.manifest import Manifest
 
 
@@ -29,7 +30,8 @@ def test_manifest_has_a_header_per_run_and_a_record_per_input(project):
     header, *records = entries
     assert header["type"] == "run" and len(records) == 3
     assert {key: header[key] for key in ("hookviz", "torch", "torchvision")} == {
-        package: metadata.version(package) for package in ("hookviz", "torch", "torchvision")}
+        package: metadata.version(package) for package in ("hookviz", "torch", "torchvision")
+    }
     assert header["command"] == "gradcam" and header["model"] == BATCHNET
     assert header["settings"]["method"] == "gradcam" and header["settings"]["layer"] == "relu2"
     assert re.fullmatch(r"[0-9a-f]{16}", header["key"])

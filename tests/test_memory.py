@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from process_helpers import subprocess_env
 
 from hookviz.memory import keep_freed_memory
-from process_helpers import subprocess_env
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -29,8 +29,9 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not GLIBC, reason="mallopt thresholds are glibc's")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", CHURN, mode], env=subprocess_env(), capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", CHURN, mode], env=subprocess_env(), capture_output=True, text=True, check=True
+        ).stdout.split()
         return out[0], int(out[1])
 
     default_applied, default_faults = faults("default")

@@ -12,8 +12,8 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 
 from hookviz.errors import UsageError
-from hookviz.hooks import capture
 from hookviz.forward import select_logits
+from hookviz.hooks import capture
 from hookviz.models import load_labels, load_model
 from hookviz.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
@@ -170,7 +170,7 @@ def test_exported_program_supports_hooks_and_gradients(exported_program):
     x = torch.randn(1, 3, 32, 32)
     with capture(loaded.module, ["features.0", "features.2"], grad=True) as activations:
         logits = loaded.module(x)
-    gradient, = torch.autograd.grad(logits[0, 1], activations["features.2"])
+    (gradient,) = torch.autograd.grad(logits[0, 1], activations["features.2"])
 
     # The same quantities from the eager model the program was exported from.
     with torch.no_grad():
@@ -275,7 +275,9 @@ def test_resnet18_preprocessing_is_the_weights_eval_transform():
 
 
 def test_size_mean_std_overrides():
-    prep = load_model("resnet18", weights="none", size=(64, 48), mean=(0.5, 0.5, 0.5), std=(0.25, 0.2, 0.1)).preprocessing
+    prep = load_model(
+        "resnet18", weights="none", size=(64, 48), mean=(0.5, 0.5, 0.5), std=(0.25, 0.2, 0.1)
+    ).preprocessing
 
     assert prep == Preprocessing(
         input_size=(64, 48),

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import write_noise_image
+
 from hookviz.output import TEMPORARY_SUFFIX, UMASK, atomic_write
 
 HOOKVIZ = Path(sys.executable).parent / "hookviz"
@@ -50,8 +50,13 @@ def test_every_output_of_a_run_gets_the_permissions_of_the_users_umask(tmp_path,
     image = write_noise_image(tmp_path / "photo.png", 40, 30, seed=0)
     out = tmp_path / "out"
 
-    done = subprocess.run([str(HOOKVIZ), "gradcam", str(model), str(image), "-o", str(out), "-q", "--save-raw", "--html"],
-                          capture_output=True, text=True, preexec_fn=lambda: os.umask(0o027), timeout=600)
+    done = subprocess.run(
+        [str(HOOKVIZ), "gradcam", str(model), str(image), "-o", str(out), "-q", "--save-raw", "--html"],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o027),
+        timeout=600,
+    )
 
     assert done.returncode == 0, done.stderr
     files = sorted(path for path in out.rglob("*") if path.is_file())

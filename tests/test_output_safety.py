@@ -11,11 +11,24 @@ import re
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-from cli_helpers import (BATCHNET, FMAPS, GRADCAM, SIZE, TINY, assert_no_partial_files, assert_usage_error, hookviz,
-                         image_folder, json_lines, mtimes, pngs_of, write_noise_image, write_solid_png)
+from cli_helpers import (
+    BATCHNET,
+    FMAPS,
+    GRADCAM,
+    SIZE,
+    TINY,
+    assert_no_partial_files,
+    assert_usage_error,
+    hookviz,
+    image_folder,
+    json_lines,
+    mtimes,
+    pngs_of,
+    write_noise_image,
+    write_solid_png,
+)
 from nets import ODD_LAYER_NEWLINE, ODD_LAYER_UNICODE
+from PIL import Image
 
 OUTPUT_NAME = re.compile(r"^gradcam_relu2_c\d+\.png$")
 
@@ -81,8 +94,10 @@ def test_odd_file_names_write_only_inside_the_output_directory(project):
     names = ["-x.png", "café ñ 猫.png", "x\\..\\..\\evil.png", "a b (1).png"]
     images = [write_noise_image(odd / name, seed=i) for i, name in enumerate(names)]
     # A folder listing skips hidden files, so names with leading dots are given one by one.
-    explicit = [write_noise_image(project / name, seed=10 + i)
-                for i, name in enumerate(["..weird name!.png", "...png", "..\\..\\evil.png"])]
+    explicit = [
+        write_noise_image(project / name, seed=10 + i)
+        for i, name in enumerate(["..weird name!.png", "...png", "..\\..\\evil.png"])
+    ]
     out = project / "out"
     before = tree(project, out)
 
@@ -92,7 +107,7 @@ def test_odd_file_names_write_only_inside_the_output_directory(project):
     records = json_lines(result.stdout)
     assert [record["input"] for record in records] == [str(path) for path in sorted(images) + explicit]
     pngs = [Path(png).resolve() for png in pngs_of(records)]
-    assert len(set(path.parent for path in pngs)) == 7
+    assert len({path.parent for path in pngs}) == 7
     assert all(png.is_file() and png.parent.parent == out.resolve() for png in pngs)
     assert all(not png.parent.name.startswith(".") and OUTPUT_NAME.match(png.name) for png in pngs)
     assert tree(project, out) == before
@@ -101,8 +116,15 @@ def test_odd_file_names_write_only_inside_the_output_directory(project):
 # --- dangerous file and layer names, and a refused run --------------------------------------------
 
 
-DANGEROUS_NAMES = ["..png", "...png", "..%2F..%2Fx.png", "with space.png", "\u00fcn\u00efc\u00f6d\u00e9.png",
-                   "new\nline.png", "-dash.png"]
+DANGEROUS_NAMES = [
+    "..png",
+    "...png",
+    "..%2F..%2Fx.png",
+    "with space.png",
+    "\u00fcn\u00efc\u00f6d\u00e9.png",
+    "new\nline.png",
+    "-dash.png",
+]
 
 
 def _files_outside(root: Path, *excluded: Path) -> set[Path]:
@@ -128,12 +150,37 @@ def test_outputs_never_escape_the_output_directory(tmp_path, nets, monkeypatch):
     files = [str(inputs / name) for name in names]
 
     runs = [
-        hookviz("fmaps", "nets:build_odd_names", "--size", "16", *files, "-", "-o", out, "--json", "-q",
-                "--save-raw", stdin="in/sub/../evil.png\n"),
-        hookviz("gradcam", "nets:build_odd_names", "--size", "16", *files, "-l", ODD_LAYER_NEWLINE, "--save-raw",
-                "-o", out, "--json", "-q"),
-        hookviz("guided", "nets:build_odd_names", "--size", "16", *files, "-l", ODD_LAYER_UNICODE,
-                "-o", out, "--json", "-q"),
+        hookviz(
+            "fmaps",
+            "nets:build_odd_names",
+            "--size",
+            "16",
+            *files,
+            "-",
+            "-o",
+            out,
+            "--json",
+            "-q",
+            "--save-raw",
+            stdin="in/sub/../evil.png\n",
+        ),
+        hookviz(
+            "gradcam",
+            "nets:build_odd_names",
+            "--size",
+            "16",
+            *files,
+            "-l",
+            ODD_LAYER_NEWLINE,
+            "--save-raw",
+            "-o",
+            out,
+            "--json",
+            "-q",
+        ),
+        hookviz(
+            "guided", "nets:build_odd_names", "--size", "16", *files, "-l", ODD_LAYER_UNICODE, "-o", out, "--json", "-q"
+        ),
     ]
 
     written = []
@@ -141,8 +188,9 @@ def test_outputs_never_escape_the_output_directory(tmp_path, nets, monkeypatch):
         assert result.exit_code == 0, result.stderr
         records = json_lines(result.stdout)
         assert all(record["status"] == "ok" for record in records)
-        written += [output[key] for record in records for output in record["outputs"] for key in ("png", "raw")
-                    if key in output]
+        written += [
+            output[key] for record in records for output in record["outputs"] for key in ("png", "raw") if key in output
+        ]
     assert len(written) > 3 * len(names)
     for path in written:
         assert Path(path).resolve().is_relative_to(out.resolve()), path
@@ -177,8 +225,11 @@ def test_a_refused_run_and_skip_existing_leave_an_existing_file_byte_for_byte(tm
     again = hookviz("gradcam", *TINY, image, "-o", out, "-q")
     skipping = hookviz("gradcam", *TINY, image, "-o", out, "-q", "--skip-existing", "--json")
 
-    assert_usage_error(again, f"{target} already exists; pass --overwrite to replace outputs, "
-                              "or --skip-existing to finish an interrupted run")
+    assert_usage_error(
+        again,
+        f"{target} already exists; pass --overwrite to replace outputs, "
+        "or --skip-existing to finish an interrupted run",
+    )
     assert skipping.exit_code == 0, skipping.stderr
     assert [record["status"] for record in json_lines(skipping.stdout)] == ["skipped"]
     assert target.read_bytes() == b"the user's own file, not to be lost"

@@ -17,13 +17,35 @@ PACKAGE = Path(hookviz.__file__).parent
 # Data flows one way: CLI -> jobs/batch -> pipeline -> methods -> hooks/models -> images, output, ... -> errors.
 # A module may import modules of its own rank or lower, never higher.
 RANKS = {
-    "errors": 0, "methods": 0, "preprocessing": 0, "tables": 0, "memory": 0,
-    "forward": 1, "spatial": 1, "output": 1, "images": 1, "render": 1,
-    "models": 2, "hooks": 2,
-    "layers": 3, "cams": 3, "guided": 3, "fmaps": 3, "stats": 3, "trace": 3,
-    "pipeline": 4, "manifest": 4, "locks": 4, "tensorboard": 4,
-    "jobs": 5, "batch": 5, "gallery": 5,
-    "cli": 6, "demo": 6, "__init__": 6, "__main__": 6,
+    "errors": 0,
+    "methods": 0,
+    "preprocessing": 0,
+    "tables": 0,
+    "memory": 0,
+    "forward": 1,
+    "spatial": 1,
+    "output": 1,
+    "images": 1,
+    "render": 1,
+    "models": 2,
+    "hooks": 2,
+    "layers": 3,
+    "cams": 3,
+    "guided": 3,
+    "fmaps": 3,
+    "stats": 3,
+    "trace": 3,
+    "pipeline": 4,
+    "manifest": 4,
+    "locks": 4,
+    "tensorboard": 4,
+    "jobs": 5,
+    "batch": 5,
+    "gallery": 5,
+    "cli": 6,
+    "demo": 6,
+    "__init__": 6,
+    "__main__": 6,
 }
 
 
@@ -59,8 +81,9 @@ def imports(name: str, path: Path) -> list[tuple[str, list[str]]]:
             else:
                 result.append((target, names))
         elif isinstance(node, ast.Import):
-            result.extend((alias.name.removeprefix("hookviz.") , []) for alias in node.names
-                          if alias.name.startswith("hookviz."))
+            result.extend(
+                (alias.name.removeprefix("hookviz."), []) for alias in node.names if alias.name.startswith("hookviz.")
+            )
     return result
 
 
@@ -73,14 +96,23 @@ def test_every_module_has_a_rank():
 
 
 def test_imports_run_one_way():
-    backwards = [f"{name} imports {target}" for name, path in modules().items() for target, _ in imports(name, path)
-                 if target and rank(target) > rank(name)]
+    backwards = [
+        f"{name} imports {target}"
+        for name, path in modules().items()
+        for target, _ in imports(name, path)
+        if target and rank(target) > rank(name)
+    ]
     assert backwards == []
 
 
 def test_no_module_imports_a_private_name_of_another():
-    private = [f"{name}: from {target} import {item}" for name, path in modules().items()
-               for target, items in imports(name, path) for item in items if item.startswith("_")]
+    private = [
+        f"{name}: from {target} import {item}"
+        for name, path in modules().items()
+        for target, items in imports(name, path)
+        for item in items
+        if item.startswith("_")
+    ]
     assert private == []
 
 

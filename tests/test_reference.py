@@ -29,9 +29,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-
 from cam_models import random_batch
 from nets import seeded
+
 from hookviz.cams import compute_cams
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
@@ -65,7 +65,9 @@ def pearson(a, b) -> float:
 
 def assert_has_structure(heat) -> None:
     heat = np.asarray(heat, dtype=np.float64)
-    assert heat.max() > 0 and heat.std() > 0.01 * heat.max(), f"flat or blank map, a correlation would be meaningless: {heat}"
+    assert heat.max() > 0 and heat.std() > 0.01 * heat.max(), (
+        f"flat or blank map, a correlation would be meaningless: {heat}"
+    )
 
 
 def pytorch_grad_cam_maps(cam_class, model, x, classes):

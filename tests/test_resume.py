@@ -13,8 +13,19 @@ import re
 import signal
 from pathlib import Path
 
-from cli_helpers import (FMAPS, GRADCAM, assert_pngs_complete, hookviz, image_folder, inputs_of, json_lines, mtimes,
-                         pngs_of, read_manifest, write_noise_image)
+from cli_helpers import (
+    FMAPS,
+    GRADCAM,
+    assert_pngs_complete,
+    hookviz,
+    image_folder,
+    inputs_of,
+    json_lines,
+    mtimes,
+    pngs_of,
+    read_manifest,
+    write_noise_image,
+)
 from process_helpers import running, stop, wait_for_records
 
 

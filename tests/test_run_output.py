@@ -14,10 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import GRADCAM, hookviz, image_folder, inputs_of, json_lines, pngs_of, read_manifest
 from process_helpers import hookviz_command, run_with_stderr, subprocess_env
-
 
 # --- stdout carries only results ------------------------------------------------------------------
 
@@ -55,8 +53,9 @@ def test_json_stdout_of_a_real_process_parses_line_by_line(project):
     images = image_folder(project / "photos", 4)
     args = [*GRADCAM, "photos", "--json", "-o", "out"]
 
-    completed = subprocess.run([*hookviz_command(), *args], cwd=project, env=subprocess_env(),
-                               capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [*hookviz_command(), *args], cwd=project, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
 
     assert completed.returncode == 0, completed.stderr
     records = json_lines(completed.stdout)
@@ -78,15 +77,18 @@ def test_progress_bar_only_on_a_terminal(project, stderr_kind):
     image_folder(project / "photos", 10)
     quiet = ["-q"] if stderr_kind.endswith("-q") else []
 
-    code, stdout, stderr = run_with_stderr(project, [*GRADCAM, "photos", "--batch-size", "2", *quiet, "-o", "out"],
-                                           terminal=stderr_kind.startswith("terminal"))
+    code, stdout, stderr = run_with_stderr(
+        project,
+        [*GRADCAM, "photos", "--batch-size", "2", *quiet, "-o", "out"],
+        terminal=stderr_kind.startswith("terminal"),
+    )
 
     assert code == 0, stderr
     assert len(stdout.splitlines()) == 10 and all(line.endswith(".png") for line in stdout.splitlines())
     assert "Traceback" not in stderr
     bar = re.search(r"hookviz\s+\[[#-]+\]\s+10/10", stderr)
     if stderr_kind == "terminal":
-        assert bar and "images/s" in stderr[bar.end():].split("\n")[0], stderr
+        assert bar and "images/s" in stderr[bar.end() :].split("\n")[0], stderr
         assert "10 ok, 0 failed" in stderr
     elif stderr_kind == "terminal -q":
         assert stderr == ""

@@ -17,13 +17,12 @@ import threading
 
 import pytest
 import torch
+from cli_helpers import BATCHNET, GRADCAM, assert_no_partial_files, image_folder, inputs_of, json_lines, read_manifest
+from process_helpers import running, stop, subprocess_env, wait_for_records
 
-from cli_helpers import (BATCHNET, GRADCAM, assert_no_partial_files, image_folder, inputs_of, json_lines,
-                         read_manifest)
 from hookviz.batch import BatchOptions, plan_batch
 from hookviz.jobs import CamJob, CamOptions
 from hookviz.models import load_model
-from process_helpers import running, stop, subprocess_env, wait_for_records
 
 
 def test_ctrl_c_exits_130_without_a_traceback(project):
@@ -48,7 +47,8 @@ def test_ctrl_c_exits_130_without_a_traceback(project):
     recorded = inputs_of(read_manifest(out))
     assert 3 <= len(recorded) < 40
     assert json_lines((project / "interrupted.out").read_text()) == [
-        {key: value for key, value in entry.items() if key not in ("type", "run")} for entry in recorded]
+        {key: value for key, value in entry.items() if key not in ("type", "run")} for entry in recorded
+    ]
     assert_no_partial_files(out)
 
 
@@ -94,9 +94,14 @@ def test_ctrl_c_with_decoding_workers_prints_no_traceback(project):
     image_folder(project / "photos", 20)
     (project / "ctrl_c.py").write_text(CTRL_C_WHILE_RECEIVING)
 
-    completed = subprocess.run([sys.executable, "ctrl_c.py", *GRADCAM, "photos", "--batch-size", "2", "--workers", "1",
-                                "--json", "-o", "out"], cwd=project, env=subprocess_env(),
-                               capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "ctrl_c.py", *GRADCAM, "photos", "--batch-size", "2", "--workers", "1", "--json", "-o", "out"],
+        cwd=project,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert completed.returncode == 130, completed.stderr
     assert "hookviz: interrupted" in completed.stderr

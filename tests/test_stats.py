@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from cam_models import random_batch
+from nets import seeded
 from PIL import Image
 from torch import nn
 
-from cam_models import random_batch
-from nets import seeded
 from hookviz.errors import UsageError
 from hookviz.stats import LayerStats, StatsCollector, collect_stats, format_table, histogram_figure, stats_layer_names
 

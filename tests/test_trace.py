@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 import torchvision
-from torch import nn
-
 from cam_models import random_batch
 from nets import DictOutput, SmallCNN, seeded
+from torch import nn
+
 from hookviz.errors import UsageError
 from hookviz.trace import FORWARD, format_trace, trace_model
 
@@ -20,21 +20,30 @@ from hookviz.trace import FORWARD, format_trace, trace_model
 def small_sequential() -> nn.Sequential:
     with seeded(4):
         return nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 4, 3, stride=2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5),
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(6, 4, 3, stride=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 5),
         ).eval()
 
 
 def no_hooks_left(model: nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-               and not m._backward_pre_hooks for m in model.modules())
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks and not m._backward_pre_hooks
+        for m in model.modules()
+    )
 
 
 def call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Module names in the order their forward starts, from plain forward pre-hooks: the independent reference."""
     order: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
-               for name, module in model.named_modules()]
+    handles = [
+        module.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
+        for name, module in model.named_modules()
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -52,8 +61,10 @@ def reference_calls(model: nn.Module, x: torch.Tensor, class_index: int):
     op left in a resnet is ``out += identity``, which passes the gradient through unchanged.
     """
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, o, o.detach().clone())))
-               for name, module in model.named_modules()]
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: calls.append((name, o, o.detach().clone())))
+        for name, module in model.named_modules()
+    ]
     try:
         with torch.enable_grad():
             logits = model(x.clone().requires_grad_(True))
@@ -108,7 +119,15 @@ def test_forward_events_of_a_sequential_model():
     assert [event.name for event in trace.forward] == call_order(model, x) == ["", "0", "1", "2", "3", "4", "5", "6"]
     assert [event.depth for event in trace.forward] == [0, 1, 1, 1, 1, 1, 1, 1]
     assert [event.output.shape for event in trace.forward] == [
-        (2, 5), (2, 6, 16, 16), (2, 6, 16, 16), (2, 4, 7, 7), (2, 4, 7, 7), (2, 4, 1, 1), (2, 4), (2, 5)]
+        (2, 5),
+        (2, 6, 16, 16),
+        (2, 6, 16, 16),
+        (2, 4, 7, 7),
+        (2, 4, 7, 7),
+        (2, 4, 1, 1),
+        (2, 4),
+        (2, 5),
+    ]
     assert trace.forward[1].inputs[0].shape == (2, 3, 16, 16)
 
 

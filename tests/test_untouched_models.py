@@ -18,7 +18,6 @@ from hookviz.guided import compute_guided
 from hookviz.hooks import capture
 from hookviz.layers import trace_layers
 
-
 # --- no leaks over many calls ---------------------------------------------------------------------
 
 
@@ -42,16 +41,32 @@ class UserNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                     "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+)
 
 
 def module_hooks(model: nn.Module) -> dict[tuple[str, str], list]:
     """Every hook registered on every module: {(module name, hook dict): [(handle id, hook), ...]}."""
-    return {(name, kind): list(getattr(module, kind).items()) for name, module in model.named_modules()
-            for kind in HOOK_DICTS if getattr(module, kind, None)}
+    return {
+        (name, kind): list(getattr(module, kind).items())
+        for name, module in model.named_modules()
+        for kind in HOOK_DICTS
+        if getattr(module, kind, None)
+    }
 
 
 def global_hooks() -> dict[str, list]:
@@ -122,8 +137,10 @@ class UserState:
     """Everything about a model a hookviz call must leave as it was."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.parameters = {name: (p, p.detach().clone(), p.requires_grad, None if p.grad is None else p.grad.clone())
-                           for name, p in model.named_parameters()}
+        self.parameters = {
+            name: (p, p.detach().clone(), p.requires_grad, None if p.grad is None else p.grad.clone())
+            for name, p in model.named_parameters()
+        }
         self.buffers = {name: b.clone() for name, b in model.named_buffers()}
         self.training = {name: m.training for name, m in model.named_modules()}
         self.hooks = module_hooks(model)
@@ -166,6 +183,7 @@ def _raises(call):
     def run(model, x):
         with pytest.raises(UsageError):
             call(model, x)
+
     return run
 
 
@@ -187,8 +205,12 @@ HOOKVIZ_CALLS = {
     "error-unknown-layer": _raises(lambda model, x: compute_cams(model, x, layer="relu3")),
     "error-non-spatial-layer": _raises(lambda model, x: compute_cams(model, x, layer="fc")),
     "error-wrong-input-shape": _raises(lambda model, x: compute_cams(model, torch.randn(1, 5, 32, 32), layer="relu2")),
-    "guided-error-wrong-input-shape": _raises(lambda model, x: compute_guided(model, torch.randn(1, 5, 32, 32), layer="relu2")),
-    "cam-error-no-linear-head-after-layer": _raises(lambda model, x: compute_cams(model, x, layer="relu1", method="cam")),
+    "guided-error-wrong-input-shape": _raises(
+        lambda model, x: compute_guided(model, torch.randn(1, 5, 32, 32), layer="relu2")
+    ),
+    "cam-error-no-linear-head-after-layer": _raises(
+        lambda model, x: compute_cams(model, x, layer="relu1", method="cam")
+    ),
 }
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import assert_usage_error, hookviz
+
 from hookviz.errors import UsageError
 from hookviz.models import load_model
 
@@ -31,14 +31,20 @@ class TouchesAFileWhenUnpickled:
 
 def save_malicious_checkpoint(path: Path, marker: Path, legacy: bool = False) -> Path:
     """A checkpoint that looks like one ({"state_dict": ..., "epoch": ...}) with the payload inside."""
-    checkpoint = {"state_dict": {"fc.weight": torch.zeros(2, 2)}, "epoch": 3, "extra": TouchesAFileWhenUnpickled(marker)}
+    checkpoint = {
+        "state_dict": {"fc.weight": torch.zeros(2, 2)},
+        "epoch": 3,
+        "extra": TouchesAFileWhenUnpickled(marker),
+    }
     torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
     return path
 
 
 def refusal(path: Path) -> str:
-    return (f"{path} is a pickled Python object and loading it would run code from the file; "
-            "if you trust its source re-run with --trust, else use a state_dict with --arch or a .pt2 export")
+    return (
+        f"{path} is a pickled Python object and loading it would run code from the file; "
+        "if you trust its source re-run with --trust, else use a state_dict with --arch or a .pt2 export"
+    )
 
 
 def test_the_malicious_checkpoint_really_runs_code_when_unpickled(tmp_path):
@@ -113,8 +119,11 @@ def test_a_broken_pt2_file_is_a_one_line_error(tmp_path):
 
     assert result.exit_code == 2
     assert "Traceback" not in result.stderr
-    line, = result.stderr.splitlines()
-    assert line == f"hookviz: error: {path} is not a torch.export .pt2 archive (not a zip file); save one with torch.export.save"
+    (line,) = result.stderr.splitlines()
+    assert (
+        line
+        == f"hookviz: error: {path} is not a torch.export .pt2 archive (not a zip file); save one with torch.export.save"
+    )
 
 
 def _rewrite_zip(source: Path, target: Path, replace) -> None:
@@ -147,8 +156,9 @@ def _payload_as_pickled_weight(name: str, data: bytes, marker: Path) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("plant", [_payload_in_sample_inputs, _payload_as_pickled_weight],
-                         ids=["sample-inputs", "pickled-weight"])
+@pytest.mark.parametrize(
+    "plant", [_payload_in_sample_inputs, _payload_as_pickled_weight], ids=["sample-inputs", "pickled-weight"]
+)
 def test_a_crafted_pt2_does_not_run_code(tmp_path, exported_program, plant):
     """.pt2 is the safe alternative the refusal message recommends: loading one must not run a pickled payload."""
     valid, _ = exported_program
