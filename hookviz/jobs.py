@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .cams import CamBatch, compute_cams
+from .errors import shown
 from .fmaps import channel_grid, selected_channels
 from .forward import run_model
 from .guided import GuidedBatch, compute_guided, gradient_image
@@ -98,6 +99,9 @@ class FmapJob:
 
     def write(self, item: PreparedImage, index: int, result: dict[str, LayerMaps]) -> Record:
         options = self.options
+        for layer, layer_maps in result.items():
+            if not bool(torch.isfinite(layer_maps.maps[index]).all()):
+                return _not_finite(item, f"layer {layer}'s output")
         record = Record(input=str(item.path))
         file_names = layer_file_names(options.layers)
         for layer, layer_maps in result.items():
@@ -204,6 +208,8 @@ class CamJob:
 
     def write(self, item: PreparedImage, index: int, result: CamBatch) -> Record:
         options = self.options
+        if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(result.maps[index]).all()):
+            return _not_finite(item, "class scores")
         record = _record(self.loaded, item, result.probabilities[index], options)
         for k, class_index in enumerate(result.classes[index].tolist()):
             heat, seen = heat_in_image(result.maps[index, k], item.view.box, item.size)
@@ -275,6 +281,8 @@ class GuidedJob:
 
     def write(self, item: PreparedImage, index: int, result: GuidedBatch) -> Record:
         options = self.options
+        if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(result.guided[index]).all()):
+            return _not_finite(item, "class scores")
         record = _record(self.loaded, item, result.probabilities[index], options)
         for k, class_index in enumerate(result.classes[index].tolist()):
             label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
@@ -301,6 +309,16 @@ class GuidedJob:
                     )
                 )
         return record
+
+
+def _not_finite(item: PreparedImage, what: str) -> Record:
+    """The record of an input whose results hold NaN or inf: no picture of garbage, and strict JSON."""
+    return Record(
+        input=str(item.path),
+        status="error",
+        error=f"{shown(item.path)}: the model's {what} for this image are not finite (NaN or inf); "
+        "check the model's weights and --mean/--std",
+    )
 
 
 def _settings(options: CamOptions, **extra: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .forward import run_model, select_logits
 from .hooks import capture
 from .spatial import Layout, spatial_layout, to_spatial
@@ -126,7 +127,12 @@ def trace_layers(
     A backward pass from the top class's score then finds which spatial outputs the score depends on.
     """
     modules = [(name, module) for name, module in model.named_modules() if name]
-    dummy = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        dummy = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    except (RuntimeError, MemoryError):
+        raise UsageError(
+            f"cannot allocate a model input of {batch}x3x{input_size[0]}x{input_size[1]}; check --size"
+        ) from None
     with capture(model, [name for name, _ in modules], grad=True) as activations:
         output = run_model(model, dummy)
         layouts = {name: spatial_layout(tensor.shape, input_size) for name, tensor in activations.items()}

@@ -9,6 +9,7 @@ when a run with the same options recorded it ``ok`` and its files exist.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -56,12 +57,15 @@ class Manifest:
             finally:
                 os.close(descriptor)  # closing releases the lock
         except OSError as exc:
-            reason = (
-                "a symbolic link, which hookviz does not write through"
-                if self.path.is_symlink()
-                else ("a directory" if self.path.is_dir() else exc.strerror or str(exc))
-            )
-            raise HookvizError(f"cannot write {self.path} ({reason}); free the disk or choose another -o") from None
+            if self.path.is_symlink():
+                problem = "a symbolic link, which hookviz does not write through; remove it or choose another -o"
+            elif self.path.is_dir():
+                problem = "a directory; remove it or choose another -o"
+            elif exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                problem = f"{exc.strerror}; free some space or choose another -o"
+            else:
+                problem = f"{exc.strerror or exc}; choose another -o"
+            raise HookvizError(f"cannot write {self.path}: {problem}") from None
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Every readable line; a line cut short by a full disk is ignored."""

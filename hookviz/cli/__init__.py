@@ -280,7 +280,7 @@ def stats(
     from contextlib import nullcontext
 
     from ..batch import default_batch_size, default_workers
-    from ..errors import UsageError
+    from ..errors import HookvizError, UsageError
     from ..images import collect_inputs
     from ..jobs import StatsJob
     from ..output import output_stems, prepare_output_dir
@@ -315,7 +315,12 @@ def stats(
         if collector.images == 0:
             raise UsageError("no image could be read; nothing to measure")
         results = collector.results()
-        histogram_figure(results, figure_path)
+        try:
+            histogram_figure(results, figure_path)
+        except OSError as exc:
+            raise HookvizError(
+                f"cannot write {figure_path} ({exc.strerror or exc}); free some space or choose another -o"
+            ) from None
         if writer is not None:
             from ..tensorboard import add_layer_statistics
 

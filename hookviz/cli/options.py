@@ -12,6 +12,7 @@ Nothing here imports torch: ``hookviz --help`` must answer at once.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +23,8 @@ import click
 from ..methods import CAM_METHODS
 
 F = TypeVar("F", bound=Callable[..., Any])
+# A model input side beyond this is a typo (--size 100000 asked for a 120 GB probe tensor), not a model.
+MAX_INPUT_SIDE = 8192
 
 
 # --- parsing -------------------------------------------------------------------------------------------
@@ -38,6 +41,8 @@ def parse_size(ctx: click.Context, param: click.Parameter, value: str | None) ->
         raise click.BadParameter("use N or HxW, e.g. 224 or 384x512") from None
     if len(numbers) not in (1, 2) or min(numbers) < 8:
         raise click.BadParameter("use N or HxW with sides of at least 8 pixels, e.g. 224 or 384x512")
+    if max(numbers) > MAX_INPUT_SIDE:
+        raise click.BadParameter(f"use sides of at most {MAX_INPUT_SIDE} pixels, e.g. 224 or 384x512")
     return (numbers[0], numbers[-1])
 
 
@@ -49,6 +54,8 @@ def parse_triple(ctx: click.Context, param: click.Parameter, value: str | None) 
         numbers = tuple(float(p) for p in value.split(","))
     except ValueError:
         raise click.BadParameter("use three comma-separated numbers, e.g. 0.5,0.5,0.5") from None
+    if not all(math.isfinite(n) for n in numbers):
+        raise click.BadParameter("use finite numbers, e.g. 0.5,0.5,0.5")
     if len(numbers) != 3 or (param.name == "std" and min(numbers) <= 0):
         raise click.BadParameter("use three comma-separated numbers (std > 0), e.g. 0.5,0.5,0.5")
     return (numbers[0], numbers[1], numbers[2])

@@ -183,9 +183,8 @@ def report_records(
 
 def summary_line(counts: Counts, out_dir: Any) -> str:
     """``3 ok, 1 failed, 0 skipped in 2.1 s (1.9 images/s); outputs under DIR/``."""
-    done = counts["ok"] + counts["error"]
     elapsed = counts.elapsed
-    rate = f" ({done / elapsed:.1f} images/s)" if done and elapsed > 0 else ""
+    rate = f" ({counts['ok'] / elapsed:.1f} images/s)" if counts["ok"] and elapsed > 0 else ""
     return (
         f"{counts['ok']} ok, {counts['error']} failed, {counts['skipped']} skipped "
         f"in {elapsed:.1f} s{rate}; outputs under {out_dir}/"

@@ -40,6 +40,7 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
     loaded = load(spec, model_args, quiet)
     # A class given twice would overwrite its own file: each is explained once.
     classes = list(dict.fromkeys(loaded.class_index(value) for value in target.class_values))
+    check_classes(loaded, classes, target.top_k, labels_given=model_args.labels is not None)
     layer = target.layer_name
     if layer is None:
         layer = trace_layers(
@@ -53,9 +54,29 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
     return loaded, classes, layer
 
 
+def check_classes(loaded: LoadedModel, classes: list[int], top_k: int, labels_given: bool) -> None:
+    """--class, --top-k and --labels against the model's number of outputs, before any work is done."""
+    from ..errors import UsageError
+
+    count = loaded.output_count()
+    if count is None:
+        return
+    for index in classes:
+        if not 0 <= index < count:
+            raise UsageError(f"--class {index} is out of range: this model has classes 0..{count - 1}")
+    if not classes and top_k > count:
+        raise UsageError(f"--top-k {top_k} is more than the model's {count} classes")
+    if labels_given and loaded.labels is not None and len(loaded.labels) != count:
+        raise UsageError(
+            f"--labels gives {len(loaded.labels)} class names but the model has {count} outputs; "
+            "pass the class names of this model, one per output"
+        )
+
+
 def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunArgs) -> int:
     """Run ``job`` over the inputs with the manifest, progress and JSON Lines; return the exit code."""
     from ..batch import BatchOptions, default_workers, parse_shard, plan_batch
+    from ..errors import HookvizError
     from ..images import collect_inputs
 
     paths = collect_inputs(images)
@@ -96,7 +117,10 @@ def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunAr
     if run.html:
         from ..gallery import gallery_from_manifest
 
-        page = gallery_from_manifest(options.out_dir)
+        try:
+            page = gallery_from_manifest(options.out_dir)
+        except OSError as exc:
+            raise HookvizError(f"cannot write the gallery in {options.out_dir} ({exc.strerror or exc})") from None
         if not run.quiet:
             note(f"gallery: {page}")
     return 1 if counts["error"] else 0

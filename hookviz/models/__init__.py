@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError, close_matches
-from ..forward import select_logits
+from ..forward import run_model, select_logits
 from ..preprocessing import Preprocessing, default_preprocessing
 
 CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -41,6 +41,7 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     output_key: str | None = None
     fixed_batch: int | None = None  # a .pt2 exported without a dynamic batch dimension takes exactly this batch size
+    _output_count: int | None = field(default=None, repr=False)
 
     def label(self, class_index: int) -> str:
         """The class name of ``class_index``, or ``class N`` when the model has no name for it."""
@@ -61,6 +62,20 @@ class LoadedModel:
         hint = close_matches(text, self.labels, fold_case=True)
         suggestion = f"; did you mean {', '.join(map(repr, hint))}?" if hint else ""
         raise UsageError(f"--class {text!r} is not a class name of this model{suggestion}")
+
+    def output_count(self) -> int | None:
+        """How many class scores the model gives per input, from one forward pass on zeros (remembered).
+
+        None when the output is not (N, scores). Lets a run check --class, --top-k and
+        --labels before it does any work.
+        """
+        if self._output_count is None:
+            height, width = self.preprocessing.input_size
+            probe = torch.zeros(self.fixed_batch or 1, 3, height, width, device=self.device)
+            with torch.no_grad():
+                logits = self.logits(run_model(self.module, probe))
+            self._output_count = int(logits.shape[1]) if logits.dim() == 2 else -1
+        return self._output_count if self._output_count >= 0 else None
 
     def logits(self, output: Any) -> torch.Tensor:
         """The class scores in a model's output (a tensor, a tuple or a dict)."""
@@ -156,7 +171,12 @@ def load_labels(source: str) -> list[str]:
     path = Path(source)
     if not path.is_file():
         raise UsageError(f"--labels {source!r}: not a file; use 'imagenet' or a text file with one class name per line")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"--labels {source}: not a UTF-8 text file; use one class name per line, or a JSON list"
+        ) from None
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)

@@ -30,6 +30,11 @@ STATE_DICT_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "we
 
 def load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
     """A model file: a .pt2 program, a state_dict (architecture ``arch`` or detected), or, with ``trust``, a pickle."""
+    kind = _image_kind(path)
+    if kind is not None:
+        raise UsageError(
+            f"{path} is a {kind} image, not a model; the model comes first: hookviz COMMAND MODEL IMAGES..."
+        )
     names = _zip_names(path)
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UsageError(
@@ -65,6 +70,29 @@ def load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
             "pass --arch NAME, use package.module:callable with --state-dict, or export the model to .pt2"
         )
     return build_arch(found[0], state, str(path), detected=True)
+
+
+# File signatures of the image formats hookviz reads, so that an image given as MODEL is named as one.
+IMAGE_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _image_kind(path: Path) -> str | None:
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for signature, kind in IMAGE_SIGNATURES.items() if head.startswith(signature)), None)
 
 
 def _zip_names(path: Path) -> list[str]:
