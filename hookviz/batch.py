@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HookvizError, UsageError
+from .interrupts import uninterrupted
 from .locks import RunClaim, claimed
 from .manifest import Manifest, jsonable, options_key, versions
 from .models import LoadedModel
@@ -221,8 +222,11 @@ def _in_input_order(
             else:
                 record = next(computed)
             record.identity, record.folder = identities[path], stems[path]
-            manifest.append({"type": "input", "run": run, **record.as_json()})
-            yield record
+            # Until the consumer asks for the next record (having printed this one), a Ctrl-C waits: the
+            # manifest and the consumer's output never disagree about which inputs are done.
+            with uninterrupted():
+                manifest.append({"type": "input", "run": run, **record.as_json()})
+                yield record
     finally:
         computed.close()
         claim.close()

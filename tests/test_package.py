@@ -18,6 +18,7 @@ PACKAGE = Path(hookviz.__file__).parent
 # A module may import modules of its own rank or lower, never higher.
 RANKS = {
     "errors": 0,
+    "interrupts": 0,
     "methods": 0,
     "preprocessing": 0,
     "tables": 0,

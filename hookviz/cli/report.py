@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ..interrupts import deliver
 from ..manifest import json_line
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -78,7 +79,7 @@ def stopping_on_signals() -> Iterator[None]:
     def stop(number: int, frame: Any) -> None:
         for each in previous:
             signal.signal(each, signal.SIG_IGN)
-        raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+        deliver(Terminated() if number == signal.SIGTERM else KeyboardInterrupt())
 
     try:
         for number in previous:
