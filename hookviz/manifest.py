@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import HookvizError
+from .errors import HookvizError, UsageError
 
 MANIFEST_NAME = "manifest.jsonl"
 DONE = ("ok", "skipped")
@@ -70,7 +70,7 @@ class Manifest:
     def entries(self) -> Iterator[dict[str, Any]]:
         """Every readable line; a line cut short by a full disk is ignored."""
         try:
-            with self.path.open(encoding="utf-8") as stream:
+            with self.path.open(encoding="utf-8", errors="replace") as stream:
                 for line in stream:
                     try:
                         entry = json.loads(line)
@@ -80,6 +80,9 @@ class Manifest:
                         yield entry
         except FileNotFoundError:
             return
+        except OSError as exc:
+            problem = "a directory" if self.path.is_dir() else exc.strerror or str(exc)
+            raise UsageError(f"cannot read {self.path} ({problem}); remove it or choose another -o") from None
 
     def completed(self, key: str) -> dict[str, dict[str, Any]]:
         """Inputs (by identity, see output.input_identity) that a run with these options finished, whose output

@@ -29,11 +29,11 @@ from .options import (
     target_options,
     tensorboard_option,
 )
-from .report import note, report_records, reports_errors
+from .report import HookvizGroup, note, report_records, reports_errors
 from .runs import explained, load, run_batch, tensorboard_images
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HookvizGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hookviz")
 def main() -> None:
     """Feature maps and CAM heatmaps for PyTorch CNNs, from the command line.

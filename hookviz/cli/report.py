@@ -44,6 +44,34 @@ def note(message: str) -> None:
     click.echo(f"hookviz: {message}", err=True)
 
 
+class HookvizGroup(click.Group):
+    """click's own errors (an unknown option, a bad --size) in hookviz's one-line format, naming the help to read."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            returned = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `hookviz`: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            where = f" (see '{context.command_path} --help')" if context is not None else ""
+            fail(exc.format_message().replace("\n", " ") + where, exc.exit_code)
+        except click.Abort:
+            note("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(returned if isinstance(returned, int) else 0)
+
+
 def reports_errors(command: F) -> F:
     """Map hookviz's errors to one line on stderr and an exit code; Ctrl-C to 130."""
 
@@ -76,9 +104,12 @@ def stopping_on_signals() -> Iterator[None]:
         return
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
 
+    stopped = []
+
     def stop(number: int, frame: Any) -> None:
         for each in previous:
             signal.signal(each, signal.SIG_IGN)
+        stopped.append(number)
         deliver(Terminated() if number == signal.SIGTERM else KeyboardInterrupt())
 
     try:
@@ -86,8 +117,9 @@ def stopping_on_signals() -> Iterator[None]:
             signal.signal(number, stop)
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        if not stopped:  # after a stop the process is on its way out: a second Ctrl-C must not cut that short
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 class Progress:
