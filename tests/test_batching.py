@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import GRADCAM, hookviz, image_folder, inputs_of, json_lines, pngs_of, read_manifest, write_noise_image
+from cli_helpers import (
+    BATCHNET,
+    GRADCAM,
+    SIZE,
+    hookviz,
+    image_folder,
+    inputs_of,
+    json_lines,
+    pngs_of,
+    read_manifest,
+    write_noise_image,
+)
 from torch import nn
 
 from hookviz.batch import parse_shard, shard_of
@@ -207,3 +218,47 @@ def test_scorecam_on_a_fixed_batch_program(fixed_batch_program, tmp_path):
 
     assert result.exit_code == 0, result.stderr
     assert [record["status"] for record in json_lines(result.stdout)] == ["ok"] * 3
+
+
+def test_stats_on_a_fixed_batch_program_counts_only_the_real_images(fixed_batch_program, tmp_path):
+    """3 images through a .pt2 that only takes batches of 2 (it used to fail on the short last batch): the padding
+    image is not counted, and the statistics are those of the eager model on exactly these 3 images."""
+    path, model = fixed_batch_program
+    images = image_folder(tmp_path / "photos", 3)
+
+    result = hookviz("stats", path, *images, "-l", "conv2", "--json", "-o", tmp_path / "out")
+
+    assert result.exit_code == 0, result.stderr
+    (record,) = json_lines(result.stdout)
+    loaded = load_model(str(path), device="cpu")
+    batch = torch.stack([prepare_image(image, "x", loaded.preprocessing, crop=False).tensor for image in images])
+    with torch.no_grad():
+        expected = model.conv2(model.relu1(model.conv1(batch)))
+    assert record["values"] == expected.numel()
+    assert record["max"] == pytest.approx(float(expected.max()), abs=1e-5)
+    assert record["mean"] == pytest.approx(float(expected.double().mean()), abs=1e-5)
+
+
+def test_stats_closes_its_tensorboard_writer_when_the_run_fails(tmp_path, monkeypatch):
+    """Every image unreadable: a one-line error, and the TensorBoard writer is closed anyway."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    closed = []
+    monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(self))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+
+    result = hookviz(
+        "stats",
+        BATCHNET,
+        *SIZE,
+        tmp_path / "broken.png",
+        "--tensorboard",
+        tmp_path / "tb",
+        "-o",
+        tmp_path / "out",
+        "-q",
+    )
+
+    assert result.exit_code == 2 and "no image could be read" in result.stderr
+    assert len(closed) == 1
