@@ -363,7 +363,7 @@ def trace(
     \b
     Examples:
       hookviz trace resnet18 cat.jpg
-      hookviz trace model.pt2 cat.jpg -c 281 --json | jq '.events[] | select(.direction == "backward") | .output.norm'
+      hookviz trace model.pt2 cat.jpg -c 281 --json | jq '.events[] | select(.direction == "backward") | .gradient.norm'
     """
     from ..pipeline import model_batch, prepare_image
     from ..trace import format_trace, trace_model

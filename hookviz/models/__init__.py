@@ -25,7 +25,9 @@ from ..errors import UsageError, close_matches
 from ..forward import run_model, select_logits
 from ..preprocessing import Preprocessing, default_preprocessing
 
-CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# package.module:callable, or path/to/file.py:callable
+CALLABLE_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
+MAX_LISTED = 8  # class names listed in one message
 MODEL_FILE_SUFFIXES = frozenset({".pt", ".pth", ".pt2", ".ckpt", ".bin", ".jit"})
 
 
@@ -59,7 +61,14 @@ class LoadedModel:
         folded = [name.lower() for name in self.labels]
         if text.lower() in folded:
             return folded.index(text.lower())
-        hint = close_matches(text, self.labels, fold_case=True)
+        # "cat" is a word of "tiger cat", "Persian cat", ...: more useful than names spelled alike ("crate").
+        with_word = [name for name in self.labels if text.lower() in re.split(r"[\W_]+", name.lower())]
+        if len(with_word) > 1:
+            listed = ", ".join(map(repr, with_word[:MAX_LISTED])) + (
+                f" and {len(with_word) - MAX_LISTED} more" if len(with_word) > MAX_LISTED else ""
+            )
+            raise UsageError(f"--class {text!r} is not a class name of this model; names with that word: {listed}")
+        hint = with_word or close_matches(text, self.labels, fold_case=True)
         suggestion = f"; did you mean {', '.join(map(repr, hint))}?" if hint else ""
         raise UsageError(f"--class {text!r} is not a class name of this model{suggestion}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import pickle
@@ -221,17 +222,40 @@ def _load_pickled_module(path: Path) -> LoadedModel:
     return LoadedModel(obj, str(path), f"pickled {type(obj).__name__} from {path}")
 
 
+def _import(module_name: str) -> Any:
+    """A module by dotted name (also from the current folder, as ``python -m`` would find it) or by file path."""
+    if module_name.endswith(".py"):
+        path = Path(module_name).resolve()
+        if not path.is_file():
+            raise ImportError(f"no file {module_name}")
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))  # so the file's own imports of its neighbours work
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{module_name} is not a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # pickling and dataclasses look classes up by module name
+        spec.loader.exec_module(module)
+        return module
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # so `mymodels:build` finds ./mymodels.py
+    return importlib.import_module(module_name)
+
+
 def load_callable(spec: str, state_dict: str | Path | None) -> LoadedModel:
     """``package.module:callable``: import it (also from the current folder), call it, load ``state_dict`` strictly."""
-    module_name, attr = spec.split(":")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # so `mymodels:build` finds ./mymodels.py, as `python -m` would
+    module_name, attr = spec.rsplit(":", 1)
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = getattr(_import(module_name), attr)
     except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r} for {spec} ({exc}); check the module path") from None
+        raise UsageError(
+            f"cannot import {module_name!r} for {spec} ({exc}); run hookviz from the module's folder, add that "
+            "folder to PYTHONPATH, or name the file: path/to/module.py:callable"
+        ) from None
     except AttributeError:
         raise UsageError(f"{module_name!r} has no attribute {attr!r}") from None
+    except Exception as exc:  # the user's module failed while it was imported
+        raise UsageError(f"importing {module_name!r} for {spec} failed: {type(exc).__name__}: {exc}") from None
     try:
         module = factory()
     except Exception as exc:

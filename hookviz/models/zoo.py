@@ -134,20 +134,17 @@ def build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detected
     if arch not in names:
         raise UsageError(f"--arch {arch!r} is not a torchvision classification model" + did_you_mean(arch, names))
     num_classes = _classifier_size(state)
+    fix = "leave out --arch to detect the architecture, or export the model to .pt2"
     try:
         module = (
             get_model(arch, weights=None, num_classes=num_classes) if num_classes else get_model(arch, weights=None)
         )
-        module.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = (
-            lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__
-        )  # line 0 only names the class
-        detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise UsageError(
-            f"{spec} does not fit --arch {arch} ({detail}); check --arch, or export the model to .pt2"
-        ) from None
+        raise UsageError(f"{spec} does not fit --arch {arch} ({type(exc).__name__}: {exc}); {fix}") from None
+    misfit = state_dict_misfit(module.state_dict(), state)
+    if misfit:
+        raise UsageError(f"{spec} does not fit --arch {arch} ({misfit}); {fix}")
+    module.load_state_dict(state, strict=True)
     reference = get_model_weights(arch).DEFAULT
     categories = reference.meta.get("categories")
     labels = list(categories) if categories and num_classes in (None, len(categories)) else None
@@ -159,6 +156,23 @@ def build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detected
         weights_preprocessing(reference),
         labels,
     )
+
+
+def state_dict_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``given`` from loading into a model whose state_dict is ``expected``, in one short phrase ("" if it fits)."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    reshaped = [key for key in expected if key in given and tuple(given[key].shape) != tuple(expected[key].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    if reshaped:
+        key = reshaped[0]
+        shapes = "x".join(map(str, given[key].shape)), "x".join(map(str, expected[key].shape))
+        parts.append(f"{len(reshaped)} keys of other shapes, e.g. {key}: {shapes[0]} in the file, {shapes[1]} expected")
+    return "; ".join(parts)
 
 
 def _classifier_size(state: Mapping[str, torch.Tensor]) -> int | None:

@@ -1,0 +1,102 @@
+"""What a demanding user hit in a day with hookviz, each as it was reported, through the CLI on real files.
+
+hookviz gradcam nets:build_tinynet --size 32 photo.png --labels labels.txt -c cat
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cli_helpers import TINY, hookviz, write_noise_image
+
+from hookviz.cli import trace as trace_command
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    return write_noise_image(tmp_path / "photo.png", seed=0)
+
+
+def error_line(result) -> str:
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("hookviz: error: ")
+    return line
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ("imagenet", "--labels gives 1000 class names but the model has 4 outputs"),
+        ("file", "--labels gives 2 class names but the model has 4 outputs"),
+    ],
+)
+def test_class_names_that_do_not_fit_the_model_are_refused(tmp_path, photo, labels, expected):
+    """--labels imagenet on a 4-class model captioned "great white shark"; a 2-line file left "class 2"."""
+    if labels == "file":
+        (tmp_path / "labels.txt").write_text("cat\ndog\n")
+        labels = tmp_path / "labels.txt"
+
+    result = hookviz("gradcam", *TINY, photo, "--labels", labels, "-o", tmp_path / "out", "-q")
+
+    assert result.exit_code == 2 and expected in error_line(result)
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+@pytest.fixture
+def cat_labels(tmp_path: Path) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("tiger cat\nEgyptian cat\nPersian cat\ncrate\n")
+    return path
+
+
+def test_a_class_name_that_is_a_word_of_several_lists_them(tmp_path, photo, cat_labels):
+    """-c cat used to suggest 'crate', 'oxcart', 'castle'; it is a word of three names here."""
+    result = hookviz("gradcam", *TINY, photo, "--labels", cat_labels, "-c", "cat", "-o", tmp_path / "out", "-q")
+
+    assert result.exit_code == 2
+    assert error_line(result).endswith(
+        "--class 'cat' is not a class name of this model; names with that word: 'tiger cat', 'Egyptian cat', "
+        "'Persian cat'"
+    )
+
+
+def test_a_class_name_that_is_a_word_of_one_suggests_it(tmp_path, photo, cat_labels):
+    result = hookviz("gradcam", *TINY, photo, "--labels", cat_labels, "-c", "persian", "-o", tmp_path / "out", "-q")
+
+    assert error_line(result).endswith("did you mean 'Persian cat'?")
+
+
+def test_a_model_file_outside_the_current_folder_can_be_named_by_path(tmp_path, photo, nets, monkeypatch):
+    """mynet:build worked only from mynet's folder, and /path/to/mynet.py:build said "model file not found"."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(nets.__file__, elsewhere / "hv_mynet_file.py")
+    monkeypatch.chdir(tmp_path)
+
+    by_path = hookviz(
+        "gradcam", f"{elsewhere / 'hv_mynet_file.py'}:build_tinynet", "--size", "32", photo, "-o", "out", "-q"
+    )
+    by_name = hookviz("gradcam", "hv_mynet_unknown:build_tinynet", "--size", "32", photo, "-o", "out", "-q")
+
+    assert by_path.exit_code == 0, by_path.stderr
+    assert by_name.exit_code == 2 and "PYTHONPATH" in error_line(by_name)
+
+
+def test_the_trace_help_example_reads_the_gradient_norms(tmp_path, photo):
+    """`trace --help`'s jq example printed null for every backward row: it must name the field the JSON has."""
+    example = next(line for line in trace_command.help.splitlines() if "jq" in line)
+    path = example.split('select(.direction == "backward") | ')[1].rstrip("'").lstrip(".").split(".")
+
+    result = hookviz("trace", *TINY, photo, "--json", "-q")
+
+    backward = [event for event in json.loads(result.stdout)["events"] if event["direction"] == "backward"]
+    values = []
+    for event in backward:
+        value = event
+        for key in path:
+            value = value[key]
+        values.append(value)
+    assert backward and all(isinstance(value, float) for value in values)
