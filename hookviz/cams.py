@@ -110,6 +110,13 @@ class CamBatch:
     layer: str
     method: str
     layer_calls: int = 1  # how many times the layer ran in the forward pass (the last call is explained)
+    empty: torch.Tensor | None = None  # (B, K) bool: the map is constant (all zero), so it shows nothing
+
+
+def constant_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: which maps (B, K, h, w) have one value everywhere (nothing to show, whatever the colormap)."""
+    flat = maps.flatten(2)
+    return (flat.max(dim=-1).values - flat.min(dim=-1).values) <= 0
 
 
 def choose_classes(logits: torch.Tensor, classes: Sequence[int] | None, top_k: int) -> torch.Tensor:

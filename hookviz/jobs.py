@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .cams import CamBatch, compute_cams
+from .cams import CamBatch, compute_cams, constant_maps
 from .errors import shown
 from .fmaps import channel_grid, selected_channels
 from .forward import run_model
 from .guided import GuidedBatch, compute_guided, gradient_image
 from .hooks import capture
+from .methods import CLASS_INDEPENDENT, GRADIENT_METHODS
 from .models import LoadedModel
 from .output import layer_file_names, safe_name, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
@@ -178,6 +179,8 @@ class CamJob:
         )
 
     def output_patterns(self) -> list[str]:
+        if self.options.method in CLASS_INDEPENDENT:
+            return [f"{safe_name(self.options.method)}_{safe_name(self.options.layer)}.png"]
         return [
             f"{safe_name(self.options.method)}_{safe_name(self.options.layer)}_c{c}.png"
             for c in _class_patterns(self.options)
@@ -198,12 +201,14 @@ class CamJob:
             fixed_batch=self.loaded.fixed_batch,
         )
         self.layer_calls = result.layer_calls
+        maps = result.maps.float().cpu()
         return CamBatch(
-            maps=normalize_map(result.maps.float().cpu()),
+            maps=normalize_map(maps),
             classes=result.classes.cpu(),
             probabilities=result.probabilities.float().cpu(),
             layer=result.layer,
             method=result.method,
+            empty=constant_maps(maps),
         )
 
     def write(self, item: PreparedImage, index: int, result: CamBatch) -> Record:
@@ -211,23 +216,47 @@ class CamJob:
         if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(result.maps[index]).all()):
             return _not_finite(item, "class scores")
         record = _record(self.loaded, item, result.probabilities[index], options)
-        for k, class_index in enumerate(result.classes[index].tolist()):
+        class_independent = options.method in CLASS_INDEPENDENT
+        classes = result.classes[index].tolist()
+        for k, class_index in enumerate(classes[:1] if class_independent else classes):
             heat, seen = heat_in_image(result.maps[index, k], item.view.box, item.size)
             label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
             picture = to_pil(overlay(item.pixels, heat, alpha=options.alpha, cmap=options.cmap, seen=seen))
-            draw_caption(picture, f"{label} {probability:.1%} | {options.method} @ {options.layer}")
-            name = f"{safe_name(options.method)}_{safe_name(options.layer)}_c{class_index}"
-            output = _write_class_output(
-                picture,
-                options.out_dir / item.stem / f"{name}.png",
-                item,
-                options.method,
-                options.layer,
-                class_index,
-                label,
-                probability,
-                kind="cam",
-            )
+            method_at_layer = f"{options.method} @ {options.layer}"
+            name = f"{safe_name(options.method)}_{safe_name(options.layer)}"
+            if class_independent:  # the same map for every class: one picture, and no class in its caption
+                draw_caption(picture, f"class-independent | {method_at_layer}")
+                output = _write_class_output(
+                    picture,
+                    options.out_dir / item.stem / f"{name}.png",
+                    item,
+                    options.method,
+                    options.layer,
+                    None,
+                    None,
+                    None,
+                    kind="cam",
+                )
+                output["class_independent"] = True
+            else:
+                draw_caption(picture, f"{label} {probability:.1%} | {method_at_layer}")
+                name += f"_c{class_index}"
+                output = _write_class_output(
+                    picture,
+                    options.out_dir / item.stem / f"{name}.png",
+                    item,
+                    options.method,
+                    options.layer,
+                    class_index,
+                    label,
+                    probability,
+                    kind="cam",
+                )
+            if result.empty is not None and bool(result.empty[index, k]):
+                output["empty"] = True
+                output["warning"] = _empty_map_warning(
+                    item, options, label, result.probabilities[index], class_independent
+                )
             if options.save_raw:
                 output["raw"] = str(write_npy(heat, options.out_dir / item.stem / f"{name}.npy"))
             if options.tensorboard is not None:
@@ -341,29 +370,49 @@ def _write_class_output(
     item: PreparedImage,
     method: str,
     layer: str,
-    class_index: int,
-    label: str,
-    probability: float,
+    class_index: int | None,
+    label: str | None,
+    probability: float | None,
     kind: str,
 ) -> dict[str, Any]:
-    """Write one explanation PNG (its metadata says what it shows) and describe it for the record."""
-    metadata = {
-        "hookviz:method": method,
-        "hookviz:layer": layer,
-        "hookviz:class": str(class_index),
-        "hookviz:label": label,
-        "hookviz:probability": f"{probability:.6f}",
-        "hookviz:input": str(item.path),
-    }
+    """Write one explanation PNG (its metadata says what it shows) and describe it for the record.
+
+    ``class_index`` None: a class-independent map (Eigen-CAM).
+    """
+    metadata = {"hookviz:method": method, "hookviz:layer": layer}
+    if class_index is not None and label is not None and probability is not None:
+        metadata |= {
+            "hookviz:class": str(class_index),
+            "hookviz:label": label,
+            "hookviz:probability": f"{probability:.6f}",
+        }
+    metadata["hookviz:input"] = str(item.path)
     return {
         "kind": kind,
         "method": method,
         "layer": layer,
         "class": class_index,
         "label": label,
-        "score": round(probability, 6),
+        "score": None if probability is None else round(probability, 6),
         "png": str(write_png(picture, path, metadata)),
     }
+
+
+def _empty_map_warning(
+    item: PreparedImage, options: CamOptions, label: str, probabilities: torch.Tensor, class_independent: bool
+) -> str:
+    """Why a map came out constant, as far as can be told, and what to do about it."""
+    subject = f"the {options.method} map" + ("" if class_independent else f" of {label}")
+    if float(probabilities.max() - probabilities.min()) < 1e-6:
+        cause = (
+            "the model gives every class the same score for this image, so no score depends on it "
+            "(an untrained or zero-initialised head?); explain a trained model"
+        )
+    elif options.method in GRADIENT_METHODS:
+        cause = "nothing at this layer raises the class score; try another layer (-l) or method (-m)"
+    else:
+        cause = "this layer's channels weigh to nothing here (a layer before its activation?); try another layer (-l)"
+    return f"{shown(item.path)}: {subject} at {options.layer} is empty (the same value everywhere): {cause}"
 
 
 def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Image:

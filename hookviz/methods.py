@@ -7,3 +7,4 @@ from __future__ import annotations
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam")
 CAM_METHODS = (*GRADIENT_METHODS, "scorecam", "eigencam", "cam")
+CLASS_INDEPENDENT = ("eigencam",)  # one map per image, whatever the class

@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, hookviz, write_noise_image
+import torch
+from cli_helpers import TINY, hookviz, json_lines, write_noise_image
 
 from hookviz.cli import trace as trace_command
 
@@ -100,3 +101,22 @@ def test_the_trace_help_example_reads_the_gradient_norms(tmp_path, photo):
             value = value[key]
         values.append(value)
     assert backward and all(isinstance(value, float) for value in values)
+
+
+def test_an_empty_map_is_flagged_with_its_likely_cause(tmp_path, photo, nets):
+    """A head that gives every class the same score (zero-initialised, as torchvision's vit_b_16 --weights none)
+    used to write a flat overlay silently with exit 0; now a warning says why and the record says "empty"."""
+    model = nets.build_tinynet()
+    state = {key: value.zero_() if key.startswith("fc.") else value for key, value in model.state_dict().items()}
+    torch.save(state, tmp_path / "zero_head.pt")
+    options = ["--size", "32", photo, "--json", "-o", tmp_path / "out"]
+
+    flat = hookviz("gradcam", "nets:build_tinynet", "--state-dict", tmp_path / "zero_head.pt", *options)
+    normal = hookviz("gradcam", "nets:build_tinynet", *options, "--overwrite")
+
+    (record,) = json_lines(flat.stdout)
+    assert flat.exit_code == 0 and record["outputs"][0]["empty"] is True
+    warning = next(line for line in flat.stderr.splitlines() if line.startswith("hookviz: warning: "))
+    assert "is empty" in warning and "every class the same score" in warning
+    (record,) = json_lines(normal.stdout)
+    assert "empty" not in record["outputs"][0] and "warning" not in normal.stderr

@@ -199,6 +199,9 @@ def report_records(
                 elif print_outputs and record.status == "ok":
                     for output in record.outputs:
                         click.echo(os.fsencode(output["png"]))  # bytes: a name that is not UTF-8 prints as it is
+                for output in record.outputs if record.status == "ok" else ():
+                    if output.get("warning"):
+                        click.echo(f"hookviz: warning: {output['warning']}", err=True)
                 if record.status == "error":
                     click.echo(f"hookviz: error: {record.error}", err=True)
                 elif verbose:
