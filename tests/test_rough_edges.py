@@ -6,12 +6,15 @@ hookviz gradcam nets:build_tinynet --size 32 photo.png --labels labels.txt -c ca
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, hookviz, json_lines, write_noise_image
+from cli_helpers import GRADCAM, TINY, hookviz, image_folder, inputs_of, json_lines, read_manifest, write_noise_image
+from process_helpers import hookviz_command, subprocess_env
 
 from hookviz.cli import trace as trace_command
 
@@ -120,3 +123,27 @@ def test_an_empty_map_is_flagged_with_its_likely_cause(tmp_path, photo, nets):
     assert "is empty" in warning and "every class the same score" in warning
     (record,) = json_lines(normal.stdout)
     assert "empty" not in record["outputs"][0] and "warning" not in normal.stderr
+
+
+def test_a_reader_that_stops_early_does_not_stop_the_run(project):
+    """`--json | head -1` used to exit 1 silently with 2 of 6 inputs in the manifest: the run now goes on to the
+    end, records every input, and exits as it would have."""
+    image_folder(project / "photos", 6)
+    command = " ".join(
+        shlex.quote(part)
+        for part in [*hookviz_command(), *GRADCAM, "photos", "--batch-size", "1", "--json", "-o", "out"]
+    )
+
+    done = subprocess.run(
+        ["bash", "-c", f"{command} | head -1; exit ${{PIPESTATUS[0]}}"],
+        cwd=project,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert len(json_lines(done.stdout)) == 1
+    assert [entry["status"] for entry in inputs_of(read_manifest(project / "out"))] == ["ok"] * 6

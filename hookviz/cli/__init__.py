@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ..manifest import json_line
 from .options import (
     ModelArgs,
     RunArgs,
@@ -29,7 +30,7 @@ from .options import (
     target_options,
     tensorboard_option,
 )
-from .report import HookvizGroup, note, report_records, reports_errors
+from .report import HookvizGroup, note, report_records, reports_errors, say
 from .runs import explained, load, run_batch, tensorboard_images
 
 
@@ -71,9 +72,9 @@ def layers(model: str, model_args: ModelArgs, as_json: bool, show_all: bool) -> 
     cam_layer = trace.default_cam_layer()
     rows = [info for info in trace.layers if show_all or info.output_shape is not None]
     if as_json:
-        click.echo(json.dumps(layer_records(rows, cam_layer), indent=1))
+        say(json.dumps(layer_records(rows, cam_layer), indent=1))
         return
-    click.echo(layer_table(rows, cam_layer))
+    say(layer_table(rows, cam_layer))
     click.echo(f"* default CAM layer: {cam_layer or 'none (no layer with a spatial output)'}", err=True)
 
 
@@ -327,9 +328,9 @@ def stats(
             add_layer_statistics(writer, results)
     if run.as_json:
         for name, layer_stats in results.items():
-            click.echo(json.dumps({"layer": name, **layer_stats.as_dict()}))
+            say(json_line({"layer": name, **layer_stats.as_dict()}))
     else:
-        click.echo(format_table(results))
+        say(format_table(results))
     if not run.quiet:
         note(f"{collector.images} image(s), {len(results)} layer(s); histograms in {figure_path}")
     sys.exit(1 if counts["error"] else 0)
@@ -374,7 +375,7 @@ def trace(
     result = trace_model(
         loaded.module, model_batch([prepared], loaded), class_index=class_index, output_key=loaded.output_key
     )
-    click.echo(json.dumps(result.as_json()) if as_json else format_trace(result))
+    say(json_line(result.as_json()) if as_json else format_trace(result))
     if not quiet:
         label = loaded.label(result.classes[0])
         note(

@@ -33,6 +33,27 @@ class Terminated(BaseException):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Stdout:
+    """Whether the reader of stdout has gone away (``--json | head -1``)."""
+
+    closed = False
+
+
+def say(text: str | bytes) -> None:
+    """One line on stdout, for scripts. Once the reader has closed the pipe, lines are dropped and the run goes
+    on to the end (outputs, manifest), as well-behaved Unix tools do; the exit code is the run's own."""
+    if _Stdout.closed:
+        return
+    try:
+        click.echo(text)
+    except BrokenPipeError:
+        _Stdout.closed = True
+        try:  # later writes and the flush at exit go nowhere instead of raising again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+
 def fail(message: str, code: int) -> None:
     """Print ``hookviz: error: MESSAGE`` on stderr and exit with ``code``."""
     click.echo(f"hookviz: error: {message}", err=True)
@@ -195,10 +216,10 @@ def report_records(
                 counts[record.status] = counts.get(record.status, 0) + 1
                 progress.clear()
                 if as_json:
-                    click.echo(json_line(record.as_json()))
+                    say(json_line(record.as_json()))
                 elif print_outputs and record.status == "ok":
                     for output in record.outputs:
-                        click.echo(os.fsencode(output["png"]))  # bytes: a name that is not UTF-8 prints as it is
+                        say(os.fsencode(output["png"]))  # bytes: a name that is not UTF-8 prints as it is
                 for output in record.outputs if record.status == "ok" else ():
                     if output.get("warning"):
                         click.echo(f"hookviz: warning: {output['warning']}", err=True)
