@@ -26,7 +26,7 @@ from .methods import CLASS_INDEPENDENT, GRADIENT_METHODS
 from .models import LoadedModel
 from .output import layer_file_names, safe_name, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
-from .render import draw_caption, heat_in_image, normalize_map, overlay, to_pil
+from .render import captioned, heat_in_image, normalize_map, overlay, to_pil
 from .spatial import spatial_output, to_spatial
 from .stats import StatsCollector
 
@@ -158,6 +158,7 @@ class CamOptions:
     predictions: int = 5  # how many top predictions each JSON record lists
     score_batch_size: int = 32
     tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
+    caption: bool = True  # False: the picture exactly at the original's size, nothing drawn on it
 
 
 class CamJob:
@@ -225,7 +226,7 @@ class CamJob:
             method_at_layer = f"{options.method} @ {options.layer}"
             name = f"{safe_name(options.method)}_{safe_name(options.layer)}"
             if class_independent:  # the same map for every class: one picture, and no class in its caption
-                draw_caption(picture, f"class-independent | {method_at_layer}")
+                picture, scale = _captioned(picture, f"class-independent | {method_at_layer}", options)
                 output = _write_class_output(
                     picture,
                     options.out_dir / item.stem / f"{name}.png",
@@ -236,10 +237,11 @@ class CamJob:
                     None,
                     None,
                     kind="cam",
+                    scale=scale,
                 )
                 output["class_independent"] = True
             else:
-                draw_caption(picture, f"{label} {probability:.1%} | {method_at_layer}")
+                picture, scale = _captioned(picture, f"{label} {probability:.1%} | {method_at_layer}", options)
                 name += f"_c{class_index}"
                 output = _write_class_output(
                     picture,
@@ -251,6 +253,7 @@ class CamJob:
                     label,
                     probability,
                     kind="cam",
+                    scale=scale,
                 )
             if result.empty is not None and bool(result.empty[index, k]):
                 output["empty"] = True
@@ -318,7 +321,7 @@ class GuidedJob:
             for method, gradients in (("guided", result.guided), ("guided-gradcam", result.guided_gradcam)):
                 picture = _gradient_picture(gradients[index, k], item)
                 at_layer = "" if method == "guided" else f" @ {options.layer}"
-                draw_caption(picture, f"{label} {probability:.1%} | {method}{at_layer}")
+                picture, scale = _captioned(picture, f"{label} {probability:.1%} | {method}{at_layer}", options)
                 name = (
                     f"{method}_c{class_index}"
                     if method == "guided"
@@ -335,6 +338,7 @@ class GuidedJob:
                         label,
                         probability,
                         kind="guided",
+                        scale=scale,
                     )
                 )
         return record
@@ -352,7 +356,14 @@ def _not_finite(item: PreparedImage, what: str) -> Record:
 
 def _settings(options: CamOptions, **extra: Any) -> dict[str, Any]:
     classes = list(options.classes) if options.classes else None
-    return {"layer": options.layer, "classes": classes, "top_k": None if classes else options.top_k, **extra}
+    uncaptioned = {} if options.caption else {"caption": False}  # the default leaves earlier runs' keys as they were
+    return {
+        "layer": options.layer,
+        "classes": classes,
+        "top_k": None if classes else options.top_k,
+        **uncaptioned,
+        **extra,
+    }
 
 
 def _class_patterns(options: CamOptions) -> list[str]:
@@ -374,12 +385,14 @@ def _write_class_output(
     label: str | None,
     probability: float | None,
     kind: str,
+    scale: int = 1,
 ) -> dict[str, Any]:
     """Write one explanation PNG (its metadata says what it shows) and describe it for the record.
 
-    ``class_index`` None: a class-independent map (Eigen-CAM).
+    ``class_index`` None: a class-independent map (Eigen-CAM). ``scale``: the picture is the
+    original enlarged this many times (a small image, captioned).
     """
-    metadata = {"hookviz:method": method, "hookviz:layer": layer}
+    metadata = {"hookviz:method": method, "hookviz:layer": layer, "hookviz:scale": str(scale)}
     if class_index is not None and label is not None and probability is not None:
         metadata |= {
             "hookviz:class": str(class_index),
@@ -387,7 +400,7 @@ def _write_class_output(
             "hookviz:probability": f"{probability:.6f}",
         }
     metadata["hookviz:input"] = str(item.path)
-    return {
+    output = {
         "kind": kind,
         "method": method,
         "layer": layer,
@@ -396,6 +409,14 @@ def _write_class_output(
         "score": None if probability is None else round(probability, 6),
         "png": str(write_png(picture, path, metadata)),
     }
+    if scale != 1:
+        output["scale"] = scale
+    return output
+
+
+def _captioned(picture: Image.Image, text: str, options: CamOptions) -> tuple[Image.Image, int]:
+    """The picture with its caption (enlarged if small), or as it is with ``--no-caption``; and the enlargement."""
+    return captioned(picture, text) if options.caption else (picture, 1)
 
 
 def _empty_map_warning(

@@ -6,6 +6,7 @@ colormap's 256 colours once.
 
 from __future__ import annotations
 
+import math
 from functools import cache, lru_cache
 
 import torch
@@ -100,15 +101,55 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def draw_caption(image: Image.Image, text: str) -> None:
-    """Write ``text`` in the top-left corner on a dark band, sized to the image."""
-    size = max(11, min(image.width, image.height) // 24)
-    draw = ImageDraw.Draw(image)
+MIN_CAPTIONED_SIDE = 256  # a captioned picture is enlarged until its short side is at least this many pixels
+MAX_ENLARGED_SIDE = 4096  # ... unless its long side would pass this
+MIN_CAPTION_FONT = 10
+CAPTION_DIMMING = 0.3  # what shows through the caption band
+
+
+def captioned(picture: Image.Image, text: str) -> tuple[Image.Image, int]:
+    """``picture`` with ``text`` on a dimmed band along its bottom edge, and the factor it was enlarged by.
+
+    A picture whose short side is under ``MIN_CAPTIONED_SIDE`` (and whose long side allows it)
+    is first enlarged by a whole factor (nearest neighbour: every original pixel becomes a block, so nothing moves), so
+    that the text is readable and its band covers at most an eighth of the height. The
+    font shrinks until the text fits the width; text too long even then loses its middle.
+    """
+    scale = math.ceil(MIN_CAPTIONED_SIDE / min(picture.size)) if min(picture.size) < MIN_CAPTIONED_SIDE else 1
+    scale = max(1, min(scale, MAX_ENLARGED_SIDE // max(picture.size)))  # a 4x150000 strip stays a strip
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(picture)
+    pad = 4
+    size = max(MIN_CAPTION_FONT, min(28, min(picture.size) // 20))
+    while size > MIN_CAPTION_FONT and _text_width(draw, text, size) > picture.width - 2 * pad:
+        size -= 1
+    text = _elided(draw, text, size, picture.width - 2 * pad)
     font = _font(size)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    pad = max(2, size // 4)
-    draw.rectangle((0, 0, right - left + 2 * pad, bottom - top + 2 * pad), fill=(0, 0, 0))
-    draw.text((pad - left, pad - top), text, fill=(255, 255, 255), font=font)
+    band_top = picture.height - int(bottom - top) - 2 * pad
+    band = picture.crop((0, band_top, picture.width, picture.height))
+    picture.paste(Image.eval(band, lambda value: int(value * CAPTION_DIMMING)), (0, band_top))
+    draw.text((pad - left, band_top + pad - top), text, fill=(255, 255, 255), font=font)
+    return picture, scale
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, size: int) -> float:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=_font(size))
+    return right - left
+
+
+def _elided(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> str:
+    """``text``, or its start and end around an ellipsis, whichever fits ``width`` pixels."""
+    if _text_width(draw, text, size) <= width:
+        return text
+    keep = len(text)
+    while keep > 2:
+        keep -= 1
+        shortened = text[: (keep + 1) // 2] + "\u2026" + text[len(text) - keep // 2 :]
+        if _text_width(draw, shortened, size) <= width:
+            return shortened
+    return "\u2026"
 
 
 def draw_labels(image: Image.Image, positions: list[tuple[int, int]], labels: list[str], size: int) -> None:

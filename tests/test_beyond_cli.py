@@ -312,6 +312,7 @@ def test_gradcam_tensorboard_holds_each_overlay_at_its_input_step(tmp_path, imag
         *SMALL,
         "--json",
         "-q",
+        "--no-caption",  # each picture at its input's size
         "-o",
         str(tmp_path / "out"),
         "--tensorboard",
@@ -472,7 +473,14 @@ def test_layers_marks_the_default_cam_layer_of_a_transformer(vits, factory, expe
 @pytest.mark.parametrize(("factory", "layer"), [("vit", VIT_LAYER), ("swin", "permute")])
 def test_gradcam_on_a_transformer_with_the_default_layer(tmp_path, vits, vit_image, factory, layer):
     code, stdout, stderr = run(
-        "gradcam", f"nets:build_{factory}", str(vit_image), "--save-raw", "--json", "-o", str(tmp_path / "out")
+        "gradcam",
+        f"nets:build_{factory}",
+        str(vit_image),
+        "--save-raw",
+        "--json",
+        "--no-caption",
+        "-o",
+        str(tmp_path / "out"),
     )
     assert code == 0, stderr
     assert f"layer: {layer} (default" in stderr

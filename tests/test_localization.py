@@ -105,6 +105,7 @@ def run_gradcam(project: Path, images: list[Path], out: Path, *extra: str) -> li
         "relu3",
         "--save-raw",
         "--json",
+        "--no-caption",  # overlays exactly at the original's size
         "-o",
         str(out),
         "-q",

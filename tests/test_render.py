@@ -9,11 +9,12 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hookviz.errors import UsageError
 from hookviz.fmaps import MIN_TILE, TILE_GAP, feature_grid
 from hookviz.output import output_stems, safe_name
-from hookviz.render import apply_colormap, colormap_lut, normalize_map
+from hookviz.render import apply_colormap, captioned, colormap_lut, normalize_map, to_pil
 
 
 @pytest.mark.parametrize("index", [0, 1, 64, 128, 200, 254, 255])
@@ -137,3 +138,33 @@ def test_safe_name_keeps_layer_names_readable():
     assert safe_name("layer1.0.conv1") == "layer1.0.conv1"
     assert safe_name("features.3+skip-1") == "features.3+skip-1"
     assert len(safe_name("x" * 500)) == 120
+
+
+@pytest.mark.parametrize("size", [(17, 11), (32, 32), (64, 48), (300, 200), (640, 480), (1200, 300)])
+def test_a_caption_is_a_small_band_at_the_bottom_of_a_readable_picture(size):
+    """Captions used to cover the top half of a 32x32 picture and all of a 17x11 one, and to be cut off on narrow
+    ones: the picture is enlarged to >= 256 px on its short side (whole factor, nearest: every pixel a block),
+    the band covers at most an eighth of it, and everything above the band is the picture, untouched."""
+    width, height = size
+    picture = to_pil(torch.randint(0, 256, (3, height, width), generator=torch.Generator().manual_seed(0)).byte())
+    text = "Egyptian cat 71.2% | gradcam++ @ _blocks.15._expand_conv"
+
+    result, scale = captioned(picture.copy(), text)
+
+    assert min(result.size) >= 256 and result.size == (width * scale, height * scale)
+    enlarged = np.asarray(picture.resize(result.size, Image.Resampling.NEAREST))
+    written = np.asarray(result)
+    changed_rows = np.nonzero((written != enlarged).any(axis=(1, 2)))[0]
+    assert changed_rows.min() >= result.height * 7 / 8  # the band: the bottom eighth at most
+    assert changed_rows.max() == result.height - 1
+
+
+def test_a_caption_too_long_for_the_width_loses_its_middle():
+    picture = Image.new("RGB", (256, 400), (90, 140, 200))
+    text = "a very long class name 71.2% | gradcam @ " + "a_very_deep.module" * 8 + ".last"
+
+    result, _ = captioned(picture, text)
+
+    band = np.asarray(result)[-20:]
+    lit = np.nonzero((band > 200).all(axis=2).any(axis=0))[0]  # columns with white text
+    assert lit.min() >= 1 and lit.max() <= result.width - 2  # the text fits inside the width

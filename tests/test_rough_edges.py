@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import GRADCAM, TINY, hookviz, image_folder, inputs_of, json_lines, read_manifest, write_noise_image
+from PIL import Image
 from process_helpers import hookviz_command, subprocess_env
 
 from hookviz.cli import trace as trace_command
@@ -147,3 +148,20 @@ def test_a_reader_that_stops_early_does_not_stop_the_run(project):
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
     assert len(json_lines(done.stdout)) == 1
     assert [entry["status"] for entry in inputs_of(read_manifest(project / "out"))] == ["ok"] * 6
+
+
+def test_a_small_picture_is_enlarged_for_its_caption_and_says_so(tmp_path, nets):
+    """A 32x24 input: the captioned overlay is enlarged 11x (short side >= 256) and records the factor;
+    --no-caption writes it at exactly 32x24."""
+    image = write_noise_image(tmp_path / "small.png", 32, 24, seed=4)
+
+    captioned_run = hookviz("gradcam", *TINY, image, "--json", "-o", tmp_path / "a", "-q")
+    plain_run = hookviz("gradcam", *TINY, image, "--json", "--no-caption", "-o", tmp_path / "b", "-q")
+
+    (output,) = json_lines(captioned_run.stdout)[0]["outputs"]
+    with Image.open(output["png"]) as picture:
+        assert picture.size == (32 * 11, 24 * 11) and picture.text["hookviz:scale"] == "11"
+    assert output["scale"] == 11
+    (output,) = json_lines(plain_run.stdout)[0]["outputs"]
+    with Image.open(output["png"]) as picture:
+        assert picture.size == (32, 24) and "scale" not in output

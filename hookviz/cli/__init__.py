@@ -21,6 +21,7 @@ from .options import (
     RunArgs,
     StatsArgs,
     TargetArgs,
+    caption_option,
     crop_option,
     method_option,
     model_options,
@@ -162,6 +163,7 @@ def fmaps(
 @click.option(
     "--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1]."
 )
+@caption_option
 @tensorboard_option
 @model_options
 @run_options
@@ -174,13 +176,15 @@ def gradcam(
     alpha: float,
     cmap: str,
     save_raw: bool,
+    no_caption: bool,
     tensorboard_dir: Path | None,
     model_args: ModelArgs,
     run: RunArgs,
 ) -> None:
     """Write CAM heatmap overlays: DIR/<image-stem>/<method>_<layer>_c<class>.png.
 
-    Overlays have the original image's size; with --crop, what the model did not see is dimmed.
+    Overlays have the original image's size (with --no-caption exactly; a captioned image under 256 px is
+    enlarged by a whole factor); with --crop, what the model did not see is dimmed.
 
     \b
     Examples:
@@ -209,6 +213,7 @@ def gradcam(
                 save_raw=save_raw,
                 score_batch_size=run.batch_size or default_batch_size(loaded.device),
                 tensorboard=sink,
+                caption=not no_caption,
             ),
         )
         code = run_batch(loaded, job, images, run)
@@ -219,10 +224,13 @@ def gradcam(
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
 @target_options
+@caption_option
 @model_options
 @run_options
 @reports_errors
-def guided(model: str, images: tuple[str, ...], target: TargetArgs, model_args: ModelArgs, run: RunArgs) -> None:
+def guided(
+    model: str, images: tuple[str, ...], target: TargetArgs, no_caption: bool, model_args: ModelArgs, run: RunArgs
+) -> None:
     """Write guided backpropagation and guided Grad-CAM images per image and class.
 
     DIR/<image-stem>/guided_c<class>.png and guided-gradcam_<layer>_c<class>.png,
@@ -236,7 +244,10 @@ def guided(model: str, images: tuple[str, ...], target: TargetArgs, model_args: 
     from ..jobs import CamOptions, GuidedJob
 
     loaded, classes, layer = explained(model, model_args, target, run.quiet)
-    job = GuidedJob(loaded, CamOptions(out_dir=run.out_dir, layer=layer, classes=classes, top_k=target.top_k))
+    job = GuidedJob(
+        loaded,
+        CamOptions(out_dir=run.out_dir, layer=layer, classes=classes, top_k=target.top_k, caption=not no_caption),
+    )
     sys.exit(run_batch(loaded, job, images, run))
 
 

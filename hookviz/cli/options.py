@@ -318,4 +318,11 @@ target_options = option_group(
     ],
 )
 
+caption_option = click.option(
+    "--no-caption",
+    "no_caption",
+    is_flag=True,
+    help="Write pictures at the original's exact size with nothing drawn on them (default: a caption band at the "
+    "bottom; pictures under 256 px are enlarged for it).",
+)
 method_option = click.option("-m", "--method", default="gradcam", show_default=True, type=click.Choice(CAM_METHODS))
