@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import UsageError
 from .forward import run_model, select_logits
-from .hooks import capture
+from .hooks import capture, hook_handles
 from .spatial import Layout, spatial_layout, to_spatial
 from .tables import format_table
 
@@ -19,7 +21,7 @@ class LayerInfo:
     """One module of a traced model."""
 
     name: str
-    type: str
+    type: str  # class name; for a torch.export program, the original class that export recorded
     output_shape: tuple[int, ...] | None  # None when the module did not run in the traced forward
     parameters: int  # including sub-modules
     calls: int
@@ -66,7 +68,7 @@ def conv_layer_names(model: nn.Module) -> list[str]:
 class ModelTrace:
     """Every module of a model with the output it produced for one dummy input."""
 
-    layers: list[LayerInfo]
+    layers: list[LayerInfo]  # in execution order (first call), then the modules that did not run
     finish_order: list[str]  # module names in the order their last call returned
     # Spatial layers where the top class's score depends on more than one position; None if that could not be computed.
     class_dependent: set[str] | None = None
@@ -120,20 +122,32 @@ def layer_records(layers: list[LayerInfo], cam_layer: str | None) -> list[dict[s
 
 
 def trace_layers(
-    model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu", batch: int = 1
+    model: nn.Module,
+    input_size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    batch: int = 1,
+    channels: int = 3,
 ) -> ModelTrace:
-    """Run one forward pass on a fixed random input and describe every module, in ``named_modules()`` order.
+    """Run one forward pass on a fixed random input and describe every module.
+
+    Layers come in execution order: the order in which each module's first call
+    started, so a container comes before its children as in a tree. Modules that
+    did not run follow in ``named_modules()`` order.
 
     A backward pass from the top class's score then finds which spatial outputs the score depends on.
     """
     modules = [(name, module) for name, module in model.named_modules() if name]
+    type_names = module_type_names(model)
     try:
-        dummy = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+        dummy = torch.randn(batch, channels, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
     except (RuntimeError, MemoryError):
         raise UsageError(
-            f"cannot allocate a model input of {batch}x3x{input_size[0]}x{input_size[1]}; check --size"
+            f"cannot allocate a model input of {batch}x{channels}x{input_size[0]}x{input_size[1]}; check --size"
         ) from None
-    with capture(model, [name for name, _ in modules], grad=True) as activations:
+    started: dict[str, None] = {}  # module names in the order their first call started
+    with capture(model, [name for name, _ in modules], grad=True) as activations, hook_handles() as handles:
+        for name, module in modules:
+            handles.append(module.register_forward_pre_hook(_note_start(name, started)))
         output = run_model(model, dummy)
         layouts = {name: spatial_layout(tensor.shape, input_size) for name, tensor in activations.items()}
         class_dependent = _class_dependent(
@@ -145,7 +159,7 @@ def trace_layers(
         infos.append(
             LayerInfo(
                 name=name,
-                type=type(module).__name__,
+                type=type_names[name],
                 output_shape=tuple(found.shape) if found is not None else None,
                 parameters=sum(p.numel() for p in module.parameters()),
                 calls=activations.calls.get(name, 0),
@@ -153,8 +167,90 @@ def trace_layers(
                 layout=layouts.get(name),
             )
         )
+    position = {name: index for index, name in enumerate(started)}
+    infos.sort(key=lambda info: position.get(info.name, len(position)))  # stable: the rest keep definition order
     finished = list(dict.fromkeys(reversed(activations.order)))[::-1]  # each name at its last finish
     return ModelTrace(layers=infos, finish_order=finished, class_dependent=class_dependent)
+
+
+def _note_start(name: str, started: dict[str, None]) -> Callable[[nn.Module, Any], None]:
+    def pre_hook(module: nn.Module, inputs: Any) -> None:
+        started.setdefault(name, None)  # a later call keeps the first call's place
+
+    return pre_hook
+
+
+def module_type_names(model: nn.Module) -> dict[str, str]:
+    """The class name of every module of ``model`` (``named_modules()`` names, the root as ``""``).
+
+    An unflattened torch.export program is made of InterpreterModule objects (and
+    plain Module objects for modules without ops of their own); for those the name
+    is the original class that export recorded, where it did. Other modules keep
+    their own class's name.
+    """
+    recorded = _recorded_types(model)
+    return {
+        name: recorded.get(name, type(module).__name__) if _stands_in(module) else type(module).__name__
+        for name, module in model.named_modules()
+    }
+
+
+def _stands_in(module: nn.Module) -> bool:
+    """A module that torch.export.unflatten made in place of the original one."""
+    return type(module) is nn.Module or type(module).__module__ == "torch.export.unflatten"
+
+
+# The stack torch.export gives a node that ran outside every module (in the unflattened root's graph).
+_NO_MODULE_STACK = "_empty_nn_module_stack_from_metadata_hook"
+
+
+def _recorded_types(model: nn.Module) -> dict[str, str]:
+    """Module name -> original class name, as recorded in the graphs of the unflattened programs inside ``model``.
+
+    Each node of an exported graph has ``meta["nn_module_stack"]``: {key: (module path, class)} for
+    every module the node ran inside, outermost first (the exported model itself as path ""); the
+    path is relative to the exported model and the class a qualified name ("torch.nn.modules.conv.Conv2d")
+    or a class.
+    A module's children's nodes name it too, so containers are found as well as leaves.
+    """
+    from torch.export.unflatten import UnflattenedModule
+
+    recorded: dict[str, str] = {}
+    for root_name, root in model.named_modules():
+        if not isinstance(root, UnflattenedModule):
+            continue
+        prefix = f"{root_name}." if root_name else ""
+        for module in root.modules():
+            for graph in _graphs(module):
+                for node in graph.nodes:
+                    stack = node.meta.get("nn_module_stack")
+                    if not isinstance(stack, Mapping):
+                        continue
+                    for key, entry in stack.items():
+                        if key == _NO_MODULE_STACK or not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+                            continue
+                        path, kind = entry
+                        class_name = _class_name(kind)
+                        if isinstance(path, str) and class_name:
+                            recorded.setdefault(prefix + path if path else root_name, class_name)
+    return recorded
+
+
+def _graphs(module: nn.Module) -> Iterator[torch.fx.Graph]:
+    """The graphs an unflattened module runs: its own, or those of the calls a dispatcher (a module run twice) picks."""
+    for candidate in (module, *getattr(module, "_call_modules", ())):
+        graph = getattr(candidate, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            yield graph
+
+
+def _class_name(kind: object) -> str | None:
+    """The class name of a recorded type: "Conv2d" for "torch.nn.modules.conv.Conv2d" or the class itself."""
+    if isinstance(kind, type):
+        return kind.__name__
+    if isinstance(kind, str) and kind:
+        return kind.rsplit(".", 1)[-1]
+    return None
 
 
 def _class_dependent(
