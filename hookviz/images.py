@@ -218,7 +218,12 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing, crop: bool = Fa
             model_image = image.resize((width, height), resample, box=box)
     else:
         model_image = image.resize((width, height), resample)
-    pixels = image_to_tensor(model_image).float().div_(255.0)
-    mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
-    std = torch.tensor(preprocessing.std).view(3, 1, 1)
+    if preprocessing.channels == 1:
+        gray = model_image.convert("L")
+        pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(1, gray.height, gray.width)
+        pixels = pixels.float().div_(255.0)
+    else:
+        pixels = image_to_tensor(model_image).float().div_(255.0)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(-1, 1, 1)
     return pixels.sub_(mean).div_(std)

@@ -439,6 +439,8 @@ def _empty_map_warning(
 def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Image:
     """A guided gradient (3, h, w) drawn over the part of the original image the model saw; grey elsewhere."""
     pixels = gradient_image(gradient.float().cpu())
+    if pixels.shape[0] == 1:  # a grayscale model's input gradient: shown in gray
+        pixels = pixels.expand(3, -1, -1)
     placed = [heat_in_image(channel, item.view.box, item.size) for channel in pixels]
     picture = torch.stack([heat for heat, _ in placed])
     seen = placed[0][1]  # the same for every channel

@@ -28,13 +28,28 @@ class Preprocessing:
 
     input_size: tuple[int, int]
     resize_size: int
-    mean: tuple[float, ...] = IMAGENET_MEAN
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one value per channel
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
+    channels: int = 3  # 3: RGB; 1: grayscale (ITU-R 601 luma, as Pillow converts)
 
     def with_input_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same preprocessing for another input size (height, width); the crop's resize follows it."""
         return replace(self, input_size=size, resize_size=round(min(size) * RESIZE_TO_CROP_RATIO))
+
+
+def for_channels(preprocessing: Preprocessing, channels: int) -> Preprocessing:
+    """``preprocessing`` for a model that takes ``channels`` (1 or 3) input channels.
+
+    Grayscale models get the mean of the three ImageNet values (what those statistics are for
+    a gray image) unless their normalization was set otherwise.
+    """
+    if channels == preprocessing.channels:
+        return preprocessing
+    mean, std = preprocessing.mean, preprocessing.std
+    if channels == 1 and len(mean) == 3:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return replace(preprocessing, channels=channels, mean=mean, std=std)
 
 
 def default_preprocessing(size: tuple[int, int] = (DEFAULT_INPUT_SIZE, DEFAULT_INPUT_SIZE)) -> Preprocessing:

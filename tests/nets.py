@@ -343,3 +343,35 @@ def build_swin():
 
     with seeded(0):
         return torchvision.models.swin_t(weights=None).eval()
+
+
+# --- one and four input channels (test_channels.py) ---------------------------------------------------------------
+
+
+class GrayNet(nn.Module):
+    """An MNIST-style CNN: one input channel (grayscale), conv-relu-conv-relu-GAP-linear, 10 classes."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def build_graynet():
+    with seeded(11):
+        net = GrayNet()
+        net.fc.weight.data.mul_(5)
+    return net
+
+
+def build_four_channel_net():
+    with seeded(12):
+        return GrayNet(in_channels=4)

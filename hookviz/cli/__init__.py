@@ -69,7 +69,13 @@ def layers(model: str, model_args: ModelArgs, as_json: bool, show_all: bool) -> 
     from ..layers import layer_records, layer_table, trace_layers
 
     loaded = load(model, model_args, quiet=as_json)
-    trace = trace_layers(loaded.module, loaded.preprocessing.input_size, loaded.device, batch=loaded.fixed_batch or 1)
+    trace = trace_layers(
+        loaded.module,
+        loaded.preprocessing.input_size,
+        loaded.device,
+        batch=loaded.fixed_batch or 1,
+        channels=loaded.preprocessing.channels,
+    )
     cam_layer = trace.default_cam_layer()
     rows = [info for info in trace.layers if show_all or info.output_shape is not None]
     if as_json:

@@ -46,19 +46,19 @@ def parse_size(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return (numbers[0], numbers[-1])
 
 
-def parse_triple(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, float, float] | None:
-    """Three comma-separated numbers (for ``--std``, all positive)."""
+def parse_channel_values(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """One number for every channel, or comma-separated numbers, one per channel (for ``--std``, all positive)."""
     if value is None:
         return None
     try:
         numbers = tuple(float(p) for p in value.split(","))
     except ValueError:
-        raise click.BadParameter("use three comma-separated numbers, e.g. 0.5,0.5,0.5") from None
+        raise click.BadParameter("use one number, or one per channel, e.g. 0.5 or 0.485,0.456,0.406") from None
     if not all(math.isfinite(n) for n in numbers):
-        raise click.BadParameter("use finite numbers, e.g. 0.5,0.5,0.5")
-    if len(numbers) != 3 or (param.name == "std" and min(numbers) <= 0):
-        raise click.BadParameter("use three comma-separated numbers (std > 0), e.g. 0.5,0.5,0.5")
-    return (numbers[0], numbers[1], numbers[2])
+        raise click.BadParameter("use finite numbers, e.g. 0.5 or 0.485,0.456,0.406")
+    if param.name == "std" and min(numbers) <= 0:
+        raise click.BadParameter("use numbers above 0, e.g. 0.5 or 0.229,0.224,0.225")
+    return numbers
 
 
 # --- groups --------------------------------------------------------------------------------------------
@@ -90,8 +90,8 @@ class ModelArgs:
     state_dict: str | None
     trust: bool
     size: tuple[int, int] | None
-    mean: tuple[float, float, float] | None
-    std: tuple[float, float, float] | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
     labels: str | None
     device: str
     output_key: str | None
@@ -123,15 +123,15 @@ model_options = option_group(
         ),
         click.option(
             "--mean",
-            callback=parse_triple,
-            metavar="R,G,B",
-            help="Normalization mean (default: the weights', else ImageNet's).",
+            callback=parse_channel_values,
+            metavar="M|R,G,B",
+            help="Normalization mean: one value, or one per channel (default: the weights', else ImageNet's).",
         ),
         click.option(
             "--std",
-            callback=parse_triple,
-            metavar="R,G,B",
-            help="Normalization std (default: the weights', else ImageNet's).",
+            callback=parse_channel_values,
+            metavar="S|R,G,B",
+            help="Normalization std: one value, or one per channel (default: the weights', else ImageNet's).",
         ),
         click.option(
             "--labels",

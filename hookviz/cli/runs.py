@@ -44,7 +44,11 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
     layer = target.layer_name
     if layer is None:
         layer = trace_layers(
-            loaded.module, loaded.preprocessing.input_size, loaded.device, batch=loaded.fixed_batch or 1
+            loaded.module,
+            loaded.preprocessing.input_size,
+            loaded.device,
+            batch=loaded.fixed_batch or 1,
+            channels=loaded.preprocessing.channels,
         ).default_cam_layer()
         if layer is None:
             raise UsageError("the model has no layer with a spatial output to explain; name one with -l")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import UsageError, close_matches
 from ..forward import run_model, select_logits
-from ..preprocessing import Preprocessing, default_preprocessing
+from ..preprocessing import Preprocessing, default_preprocessing, for_channels
 
 # package.module:callable, or path/to/file.py:callable
 CALLABLE_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
@@ -43,6 +43,7 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     output_key: str | None = None
     fixed_batch: int | None = None  # a .pt2 exported without a dynamic batch dimension takes exactly this batch size
+    input_channels: int | None = None  # as the file records it (a .pt2's input spec); None: read from the first conv
     _output_count: int | None = field(default=None, repr=False)
 
     def label(self, class_index: int) -> str:
@@ -80,7 +81,7 @@ class LoadedModel:
         """
         if self._output_count is None:
             height, width = self.preprocessing.input_size
-            probe = torch.zeros(self.fixed_batch or 1, 3, height, width, device=self.device)
+            probe = torch.zeros(self.fixed_batch or 1, self.preprocessing.channels, height, width, device=self.device)
             with torch.no_grad():
                 logits = self.logits(run_model(self.module, probe))
             self._output_count = int(logits.shape[1]) if logits.dim() == 2 else -1
@@ -112,8 +113,8 @@ def load_model(
     state_dict: str | Path | None = None,
     trust: bool = False,
     size: tuple[int, int] | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     labels: str | None = None,
     device: str = "auto",
     output_key: str | None = None,
@@ -128,7 +129,8 @@ def load_model(
         state_dict: weights for a ``package.module:callable`` model.
         trust: allow unpickling, which runs code from the file.
         size: model input (height, width); default from the weights or the .pt2, else 224x224.
-        mean, std: normalization; default from the weights, else ImageNet's.
+        mean, std: normalization, one value (for every channel) or one per input channel; default from the
+            weights, else ImageNet's (for a grayscale model, the mean of ImageNet's three).
         labels: ``imagenet`` or a file of class names (default: the weights' categories).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         output_key: which part of a tuple/dict model output holds the class scores.
@@ -158,10 +160,24 @@ def load_model(
 
     if size is not None:
         loaded.preprocessing = loaded.preprocessing.with_input_size(size)
-    if mean is not None:
-        loaded.preprocessing = replace(loaded.preprocessing, mean=mean)
-    if std is not None:
-        loaded.preprocessing = replace(loaded.preprocessing, std=std)
+    channels = loaded.input_channels or first_conv_channels(loaded.module) or 3
+    if channels not in (1, 3):
+        raise UsageError(
+            f"the model takes {channels}-channel input; hookviz reads images as 1 (grayscale) or 3 (RGB) channels"
+        )
+    loaded.preprocessing = for_channels(loaded.preprocessing, channels)
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None:
+            if len(values) not in (1, channels):
+                raise UsageError(
+                    f"--{name} gives {len(values)} values but the model takes {channels}-channel input; "
+                    f"give 1 value or {channels}"
+                )
+            per_channel = tuple(values) * (channels // len(values))
+            if name == "mean":
+                loaded.preprocessing = replace(loaded.preprocessing, mean=per_channel)
+            else:
+                loaded.preprocessing = replace(loaded.preprocessing, std=per_channel)
     if labels is not None:
         loaded.labels = load_labels(labels)
     loaded.device = resolve_device(device)
@@ -169,6 +185,17 @@ def load_model(
     loaded.module.eval()
     loaded.output_key = output_key
     return loaded
+
+
+def first_conv_channels(module: nn.Module) -> int | None:
+    """The input channels of the model's first 2-D convolution (in definition order), or None without one."""
+    for child in module.modules():
+        if isinstance(child, nn.Conv2d):
+            return int(child.in_channels)
+        weight = getattr(child, "_parameters", {}).get("weight")
+        if weight is not None and weight.dim() == 4 and hasattr(child, "graph"):  # an unflattened .pt2 conv
+            return int(weight.shape[1]) * int(getattr(child, "groups", 1))
+    return None
 
 
 def load_labels(source: str) -> list[str]:

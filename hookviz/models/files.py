@@ -136,6 +136,8 @@ def load_exported(path: Path, trust: bool = False) -> LoadedModel:
     size = None if shape is None or not all(isinstance(d, int) for d in shape[2:]) else (int(shape[2]), int(shape[3]))
     preprocessing = default_preprocessing() if size is None else default_preprocessing(size)
     loaded = LoadedModel(module, str(path), f"torch.export program {path}", preprocessing)
+    if shape is not None and isinstance(shape[1], int):
+        loaded.input_channels = int(shape[1])
     if shape is not None and isinstance(shape[0], int):
         loaded.fixed_batch = int(shape[0])
         loaded.description += f" (fixed batch size {loaded.fixed_batch})"
