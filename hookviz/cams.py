@@ -194,7 +194,9 @@ def compute_cams(
         logits = select_logits(output, output_key)
         if logits.dim() != 2:
             raise UsageError(f"the model's output has shape {tuple(logits.shape)}, not (N, classes); use --output KEY")
-        output, layout = spatial_output(activations, layer, (batch.shape[-2], batch.shape[-1]))
+        output, layout = spatial_output(
+            activations, layer, (batch.shape[-2], batch.shape[-1]), activations.calls.get(layer, 0)
+        )
         if needs_grad and not output.requires_grad:  # it ran fewer times than layer_calls said: start over
             return compute_cams(
                 model,

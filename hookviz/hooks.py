@@ -39,16 +39,32 @@ class Activations(dict):
         self.order: list[str] = []  # layer names in the order their calls returned
 
 
+def split_call(name: str) -> tuple[str, int | None]:
+    """A layer name and the call it picks: ``"_swish#2"`` -> ``("_swish", 2)``, ``"layer4"`` -> ``("layer4", None)``.
+
+    A module that runs several times per forward pass (one activation shared by every block)
+    is named with ``#N`` for its N-th call (from 1); without it, its last call is meant.
+    """
+    base, separator, number = name.rpartition("#")
+    if separator and base and number.isdigit():
+        if int(number) < 1:
+            raise UsageError(f"layer {name!r}: calls count from 1, e.g. {base}#1")
+        return base, int(number)
+    return name, None
+
+
 def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """Map ``named_modules()`` names to modules; unknown names fail up front with close matches."""
+    """Map ``named_modules()`` names (with an optional ``#N`` call) to modules; unknown names fail up front
+    with close matches."""
     modules = dict(model.named_modules())
     resolved: dict[str, nn.Module] = {}
     for name in names:
-        if name in modules and name != "":
-            resolved[name] = modules[name]
+        base = name if name in modules else split_call(name)[0]
+        if base in modules and base != "":
+            resolved[name] = modules[base]
             continue
-        suggestion = did_you_mean(name, [n for n in modules if n], cutoff=0.5)
-        raise UsageError(f"unknown layer {name!r}{suggestion} ('hookviz layers MODEL' lists them)")
+        suggestion = did_you_mean(base, [n for n in modules if n], cutoff=0.5)
+        raise UsageError(f"unknown layer {base!r}{suggestion} ('hookviz layers MODEL' lists them)")
     return resolved
 
 
@@ -106,19 +122,29 @@ def capture(
     explain: autograd starts at that layer's given call instead of its first, and
     every later call starts a fresh graph, so neither the forward pass nor the
     backward pass pays for the blocks in between.
+
+    A layer named ``name#N`` records the module's N-th call only (``split_call``); with
+    ``grad=True`` autograd starts at that call and runs through the later ones, so the
+    gradient reaching it is the whole of the score's.
     """
     modules = resolve_layers(model, layers)
     activations = Activations()
     leaf_calls = dict(leaf_calls or {})
 
     def make_hook(name: str) -> Callable[..., Any]:
+        picked = None if name in dict(model.named_modules()) else split_call(name)[1]
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             tensor = first_tensor(output)
             if tensor is None:
                 return None
             call = activations.calls[name] = activations.calls.get(name, 0) + 1
+            if picked is not None and call != picked:
+                return None
             activations.order.append(name)
-            if name in leaf_calls:
+            if picked is not None:
+                becomes_leaf = True
+            elif name in leaf_calls:
                 becomes_leaf = call >= leaf_calls[name]
             else:
                 becomes_leaf = not torch.is_grad_enabled()

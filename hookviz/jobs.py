@@ -91,7 +91,9 @@ class FmapJob:
         layers = options.layers if options.layers_named else [layer for layer in options.layers if layer in activations]
         result = {}
         for layer in layers:
-            output, layout = spatial_output(activations, layer, self.loaded.preprocessing.input_size)
+            output, layout = spatial_output(
+                activations, layer, self.loaded.preprocessing.input_size, activations.calls.get(layer, 0)
+            )
             activation = to_spatial(output, layout)  # tokens and channels-last outputs as (B, C, h, w)
             maps, channels = selected_channels(activation, options.max_channels)
             raw = activation.detach().float().cpu() if options.save_raw else None

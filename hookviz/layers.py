@@ -275,3 +275,18 @@ def _class_dependent(
             if int((positions > 0).sum()) > 1:
                 dependent.add(name)
     return dependent
+
+
+def layer_calls(
+    model: nn.Module,
+    layers: list[str],
+    input_size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    batch: int = 1,
+    channels: int = 3,
+) -> dict[str, int]:
+    """How many times each of ``layers`` runs in one forward pass (on zeros), e.g. to say which call a name means."""
+    probe = torch.zeros(batch, channels, *input_size, device=device)
+    with capture(model, layers) as activations:
+        run_model(model, probe)
+    return {layer: activations.calls.get(layer, 0) for layer in layers}

@@ -75,10 +75,15 @@ def to_spatial(tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def spatial_output(
-    activations: Mapping[str, torch.Tensor], layer: str, input_size: tuple[int, int]
+    activations: Mapping[str, torch.Tensor], layer: str, input_size: tuple[int, int], calls: int = 0
 ) -> tuple[torch.Tensor, Layout]:
-    """The captured output of ``layer`` and how it reads as a map; a UsageError if it did not run or has no map."""
+    """The captured output of ``layer`` and how it reads as a map; a UsageError if it did not run or has no map.
+
+    ``calls``: how many times the layer's module ran (for a ``name#N`` that asks for a call it never made).
+    """
     output = activations.get(layer)
+    if output is None and calls:
+        raise UsageError(f"layer {layer!r}: the module ran {calls} time(s) per forward pass; pick a call up to that")
     if output is None:
         raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
     layout = spatial_layout(output.shape, input_size)

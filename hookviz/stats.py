@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 from . import tables
 from .forward import first_tensor, run_model
-from .hooks import hook_handles, preserved_state, resolve_layers
+from .hooks import hook_handles, preserved_state, resolve_layers, split_call
 from .layers import is_conv_layer, is_linear_layer
 from .tables import json_float, short_number
 
@@ -260,8 +260,9 @@ class StatsCollector:
 
     Each ``update`` is one forward pass without autograd, in eval mode; hooks
     exist only during that pass and modes/``.grad`` are restored after it. A
-    module that runs several times in one forward pass (a shared activation)
-    counts every call.
+    module that runs several times in one forward pass (one activation shared by
+    every block) gets statistics of its own per call, reported as ``name#1``,
+    ``name#2``, ...; ``name#N`` measures only its N-th call.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, bins: int = DEFAULT_BINS) -> None:
@@ -269,10 +270,10 @@ class StatsCollector:
         self.model = model
         self.bins = bins
         self.modules = resolve_layers(model, names)  # unknown names fail here, with suggestions
-        self.stats = {
-            name: LayerStats(bins=bins, channel_dim=-1 if is_linear_layer(module) else 1)
-            for name, module in self.modules.items()
-        }
+        plain = {name for name, _ in model.named_modules()}
+        self.picked = {name: None if name in plain else split_call(name)[1] for name in self.modules}
+        # layer name -> call number -> statistics (a module that runs once has only call 1)
+        self._by_call: dict[str, dict[int, LayerStats]] = {name: {} for name in self.modules}
         self.images = 0
 
     def update(self, batch: torch.Tensor, count: int | None = None) -> None:
@@ -282,24 +283,45 @@ class StatsCollector:
         model that takes a fixed batch size); only their outputs are counted.
         """
         with torch.no_grad(), preserved_state(self.model), hook_handles() as handles:
-            for name, module in self.modules.items():
-                handles.append(module.register_forward_hook(self._hook(self.stats[name], count)))
+            for name in self.modules:
+                handles.append(self.modules[name].register_forward_hook(self._hook(name, count)))
             run_model(self.model, batch)
         self.images += batch.shape[0] if count is None else count
 
-    @staticmethod
-    def _hook(stats: LayerStats, count: int | None) -> Callable[..., None]:
+    def _hook(self, name: str, count: int | None) -> Callable[..., None]:
+        module, picked, calls = self.modules[name], self.picked[name], [0]
+        channel_dim = -1 if is_linear_layer(module) else 1
+
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            calls[0] += 1
+            if picked is not None and calls[0] != picked:
+                return
             # Reduced right here, before any later in-place op can overwrite the output.
             tensor = first_tensor(output)
             if tensor is not None:
+                stats = self._by_call[name].setdefault(calls[0], LayerStats(bins=self.bins, channel_dim=channel_dim))
                 stats.update(tensor if count is None else tensor[:count])
 
         return hook
 
+    @property
+    def stats(self) -> dict[str, LayerStats]:
+        """The statistics so far, as ``results()`` gives them."""
+        return self.results()
+
     def results(self) -> dict[str, LayerStats]:
-        """Layer name -> statistics, in the order the layers were given (a layer that never ran has ``ran == False``)."""
-        return dict(self.stats)
+        """Layer name (``name#N`` per call of a module that ran several times) -> statistics, in the order the
+        layers were given; a layer that never ran has ``ran == False``."""
+        results: dict[str, LayerStats] = {}
+        for name, by_call in self._by_call.items():
+            if len(by_call) <= 1:
+                channel_dim = -1 if is_linear_layer(self.modules[name]) else 1
+                results[name] = next(iter(by_call.values()), None) or LayerStats(
+                    bins=self.bins, channel_dim=channel_dim
+                )
+            else:
+                results.update((f"{name}#{call}", stats) for call, stats in sorted(by_call.items()))
+        return results
 
 
 def collect_stats(

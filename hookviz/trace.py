@@ -296,7 +296,7 @@ def format_trace(trace: Trace | Iterable[TraceEvent]) -> str:
 
 
 def _row(event: TraceEvent) -> list[str]:
-    label = "  " * event.depth + (event.name or "(model)") + (f" #{event.call}" if event.call > 1 else "")
+    label = "  " * event.depth + (event.name or "(model)") + (f"#{event.call}" if event.call > 1 else "")
     summary = event.output
     inputs = ", ".join(_shape(item.shape) for item in event.inputs)
     values = (

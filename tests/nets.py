@@ -375,3 +375,30 @@ def build_graynet():
 def build_four_channel_net():
     with seeded(12):
         return GrayNet(in_channels=4)
+
+
+# --- a module that runs twice (test_repeated_layers.py) --------------------------------------------------------------
+
+
+class SharedActNet(nn.Module):
+    """One ReLU module applied after both convolutions (as EfficientNet's shared `_swish`): `act` runs twice,
+    on 8 channels at 32x32 and then on 6 channels at 16x16."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def build_shared_act():
+    with seeded(13):
+        net = SharedActNet()
+        net.fc.weight.data.mul_(5)
+    return net

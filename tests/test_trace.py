@@ -292,7 +292,8 @@ def test_the_text_table_has_a_row_per_event_indented_by_depth(resnet_trace):
     assert lines[1].split()[:4] == ["fwd", "0", "(model)", "ResNet"]
     assert lines[8].split()[:3] == ["fwd", "7", "layer1.0.conv1"]
     assert "  " * 3 + "layer1.0.conv1" in lines[8]  # depth 3: model > layer1 > layer1.0 > conv1
-    assert any(line.split()[:3] == ["fwd", "12", "layer1.0.relu"] and "#2" in line for line in lines)
+    # A second call is written as -l takes it (layer1.0.relu#2), so a row can be copied into -l.
+    assert any(line.split()[:3] == ["fwd", "12", "layer1.0.relu#2"] for line in lines)
     assert lines[-1].split()[:2] == ["bwd", "(input)"]
 
 

@@ -32,7 +32,7 @@ from .options import (
     tensorboard_option,
 )
 from .report import HookvizGroup, note, report_records, reports_errors, say
-from .runs import explained, load, run_batch, tensorboard_images
+from .runs import explained, load, note_repeated_layers, run_batch, tensorboard_images
 
 
 @click.group(cls=HookvizGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,6 +140,8 @@ def fmaps(
     if not names:
         raise UsageError("the model has no Conv2d layers; name layers with -l (see 'hookviz layers MODEL')")
     resolve_layers(loaded.module, names)
+    if layer_names and not run.quiet:
+        note_repeated_layers(loaded, names)
     colormap_lut(cmap)  # an unknown colormap fails before any work
     with tensorboard_images(tensorboard_dir) as sink:
         job = FmapJob(

@@ -55,7 +55,31 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
         if not quiet:
             note(f"layer: {layer} (default; choose another with -l)")
     resolve_layers(loaded.module, [layer])
+    if not quiet:
+        note_repeated_layers(loaded, [layer])
     return loaded, classes, layer
+
+
+def note_repeated_layers(loaded: LoadedModel, layers: list[str]) -> None:
+    """A note for each layer whose module runs several times per forward pass: which call is used, how to pick."""
+    from ..hooks import split_call
+    from ..layers import layer_calls
+
+    plain = [layer for layer in layers if split_call(layer)[1] is None or layer in dict(loaded.module.named_modules())]
+    calls = layer_calls(
+        loaded.module,
+        plain,
+        loaded.preprocessing.input_size,
+        loaded.device,
+        batch=loaded.fixed_batch or 1,
+        channels=loaded.preprocessing.channels,
+    )
+    for layer, count in calls.items():
+        if count > 1:
+            note(
+                f"layer {layer} runs {count} times per forward pass; using its last call "
+                f"(pick one with -l {layer}#1 ... {layer}#{count})"
+            )
 
 
 def check_classes(loaded: LoadedModel, classes: list[int], top_k: int, labels_given: bool) -> None:
