@@ -59,6 +59,56 @@ def _exported_layer(module: nn.Module, weight_dim: int, ops: tuple[str, ...], fa
     return any(node.op == "call_function" and any(op in str(node.target) for op in ops) for node in graph.nodes)
 
 
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+)
+# The ops an exported activation module's graph holds (torch.export keeps each module's own ops).
+ACTIVATION_OPS = (
+    "aten.relu",
+    "aten.relu6",
+    "aten.leaky_relu",
+    "aten.prelu",
+    "aten.elu",
+    "aten.selu",
+    "aten.celu",
+    "aten.gelu",
+    "aten.silu",
+    "aten.mish",
+    "aten.hardswish",
+    "aten.hardsigmoid",
+    "aten.hardtanh",
+    "aten.sigmoid",
+    "aten.tanh",
+    "aten.softplus",
+)
+
+
+def is_activation_layer(module: nn.Module) -> bool:
+    """An activation function as a module (nn.ReLU, nn.GELU, nn.SiLU, ...), also unflattened from a torch.export program."""
+    if isinstance(module, ACTIVATIONS):
+        return True
+    graph = getattr(module, "graph", None)
+    if graph is None or any(True for _ in module.parameters(recurse=False)):
+        return False
+    calls = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    return len(calls) == 1 and calls[0].startswith(ACTIVATION_OPS)
+
+
 def conv_layer_names(model: nn.Module) -> list[str]:
     """Every 2-D convolution of ``model``, in ``named_modules()`` order."""
     return [name for name, module in model.named_modules() if name and is_conv_layer(module)]

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from . import tables
 from .forward import first_tensor, run_model
 from .hooks import hook_handles, preserved_state, resolve_layers, split_call
-from .layers import is_conv_layer, is_linear_layer
+from .layers import is_activation_layer, is_conv_layer, is_linear_layer
 from .tables import json_float, short_number
 
 DEFAULT_BINS = 100
@@ -46,8 +46,11 @@ _SMALLEST_BIN_EXPONENT = -1000  # for all-zero data; keeps 2**k a normal float64
 
 
 def stats_layer_names(model: nn.Module) -> list[str]:
-    """The default layers for statistics: every conv and linear layer, in ``named_modules()`` order."""
-    return [
+    """The default layers for statistics: every activation module (what a "dead unit" means: an activation's
+    output that is never positive), in ``named_modules()`` order; every conv and linear layer for a model whose
+    activations are functions, not modules."""
+    activations = [name for name, module in model.named_modules() if name and is_activation_layer(module)]
+    return activations or [
         name for name, module in model.named_modules() if name and (is_conv_layer(module) or is_linear_layer(module))
     ]
 
@@ -86,6 +89,7 @@ class LayerStats:
 
     bins: int = DEFAULT_BINS
     channel_dim: int = 1  # -1 for a linear layer's output features
+    is_output: bool = field(default=False, init=False)  # the model's own output (its logits): "dead" means nothing
     values_seen: int = field(default=0, init=False)  # every value, finite or not; 0 means the layer never ran
     count: int = field(default=0, init=False)  # finite values
     nonpositive: int = field(default=0, init=False)
@@ -201,8 +205,9 @@ class LayerStats:
 
     @property
     def dead_channels(self) -> list[int]:
-        """Channels never > 0 for any input at any position."""
-        if self._active is None:
+        """Channels never > 0 for any input at any position (none for the model's output: logits below 0 are
+        not dead, they are votes against a class)."""
+        if self._active is None or self.is_output:
             return []
         return torch.nonzero(~self._active).flatten().tolist()
 
@@ -225,6 +230,7 @@ class LayerStats:
             "zero_fraction": json_float(self.zero_fraction),
             "channels": self.channels,
             "dead_channels": self.dead_channels,
+            "model_output": self.is_output,
             "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
         }
 
@@ -274,6 +280,7 @@ class StatsCollector:
         self.picked = {name: None if name in plain else split_call(name)[1] for name in self.modules}
         # layer name -> call number -> statistics (a module that runs once has only call 1)
         self._by_call: dict[str, dict[int, LayerStats]] = {name: {} for name in self.modules}
+        self._seen: list[tuple[torch.Tensor, LayerStats]] = []  # this update's outputs, to find the model's own
         self.images = 0
 
     def update(self, batch: torch.Tensor, count: int | None = None) -> None:
@@ -282,10 +289,14 @@ class StatsCollector:
         ``count``: only the first ``count`` images are real (the rest pads the batch for a
         model that takes a fixed batch size); only their outputs are counted.
         """
+        self._seen = []
         with torch.no_grad(), preserved_state(self.model), hook_handles() as handles:
             for name in self.modules:
                 handles.append(self.modules[name].register_forward_hook(self._hook(name, count)))
-            run_model(self.model, batch)
+            output = first_tensor(run_model(self.model, batch))
+        for tensor, stats in self._seen:  # the layer whose output the model returns as it is: its logits
+            stats.is_output = stats.is_output or tensor is output
+        self._seen = []
         self.images += batch.shape[0] if count is None else count
 
     def _hook(self, name: str, count: int | None) -> Callable[..., None]:
@@ -301,6 +312,7 @@ class StatsCollector:
             if tensor is not None:
                 stats = self._by_call[name].setdefault(calls[0], LayerStats(bins=self.bins, channel_dim=channel_dim))
                 stats.update(tensor if count is None else tensor[:count])
+                self._seen.append((tensor, stats))
 
         return hook
 
@@ -354,7 +366,7 @@ def format_table(results: Mapping[str, LayerStats]) -> str:
                 short_number(stats.min),
                 short_number(stats.max),
                 _percent(stats.zero_fraction),
-                f"{len(stats.dead_channels)}/{stats.channels}",
+                "-" if stats.is_output else f"{len(stats.dead_channels)}/{stats.channels}",
                 values,
             ]
         )
@@ -434,10 +446,10 @@ def _draw_histogram(ax: Axes, name: str, stats: LayerStats) -> None:
     ax.set_ylabel("count", fontsize=8)
     ax.tick_params(labelsize=8)
     dead = len(stats.dead_channels)
-    ax.set_title(name, loc="left", fontsize=10, fontweight="bold")
+    ax.set_title(name + ("  (model output)" if stats.is_output else ""), loc="left", fontsize=10, fontweight="bold")
     ax.set_title(
         f"mean {stats.mean:.3g}  std {stats.std:.3g}  range [{stats.min:.3g}, {stats.max:.3g}]  "
-        f"<=0: {stats.zero_fraction:.1%}  dead: {dead}/{stats.channels}",
+        f"<=0: {stats.zero_fraction:.1%}" + ("" if stats.is_output else f"  dead: {dead}/{stats.channels}"),
         loc="right",
         fontsize=8,
         color="tab:red" if dead else "black",

@@ -104,14 +104,16 @@ def test_stats_prints_a_table_row_per_conv_and_linear_layer_and_writes_the_figur
     # alexnet: 5 Conv2d and 3 Linear layers (the figure draws a row per layer; resnet18's 21 take long to draw).
     layers = conv_and_linear("alexnet")
     assert len(layers) == 8
-    code, stdout, stderr = run("stats", "alexnet", str(images[0]), *SMALL, "-o", str(tmp_path / "out"))
+    chosen = [option for layer in layers for option in ("-l", layer)]  # the default is every activation
+    code, stdout, stderr = run("stats", "alexnet", str(images[0]), *SMALL, *chosen, "-o", str(tmp_path / "out"))
     assert code == 0, stderr
 
     header, *rows = stdout.strip().splitlines()
     assert header.split() == ["layer", "mean", "std", "min", "max", "<=0", "dead", "values"]
     assert [row.split()[0] for row in rows] == layers
     logits = rows[-1].split()
-    assert logits[6].endswith("/1000") and logits[7] == "1,000"  # dead/channels, and values: one image, 1000 logits
+    # The model's own output is never flagged "dead" (a negative logit is a vote against a class); one image, 1000 logits.
+    assert logits[6] == "-" and logits[7] == "1,000"
     conv1 = rows[0].split()  # 64 channels of 15x15 (11x11 kernel, stride 4, padding 2, on 64x64)
     assert conv1[6].endswith("/64") and conv1[7] == f"{64 * 15 * 15:,}"
 

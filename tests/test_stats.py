@@ -37,7 +37,8 @@ class DeadChannelNet(nn.Module):
             self.fc.bias[0] = -100.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x))))).flatten(1))
+        # Doubled after fc, so fc is an inner layer whose dead features count (the model's own output has none).
+        return 2 * self.fc(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x))))).flatten(1))
 
 
 @pytest.fixture
@@ -83,16 +84,47 @@ def test_layer_stats_of_one_tensor():
     assert stats.channels == 4
 
 
-def test_default_layers_are_the_conv_and_linear_layers(net):
-    assert stats_layer_names(net) == ["conv1", "conv2", "fc"]
-    assert set(collect_stats(net, [random_batch(1, 16, 20)])) == {"conv1", "conv2", "fc"}
+CONV_AND_LINEAR = ["conv1", "conv2", "fc"]
+
+
+def test_default_layers_are_the_activations(net):
+    """A dead unit is an activation's output that is never positive: activations are measured by default."""
+    assert stats_layer_names(net) == ["relu1", "relu2"]
+    assert set(collect_stats(net, [random_batch(1, 16, 20)])) == {"relu1", "relu2"}
+
+
+def test_default_layers_without_activation_modules_are_the_conv_and_linear_layers():
+    class FunctionalNet(nn.Module):  # activations as functions: no module to hook
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv1(x)).mean(dim=(2, 3)))
+
+    assert stats_layer_names(FunctionalNet()) == ["conv1", "fc"]
 
 
 def test_default_layers_of_an_exported_program(exported_program):
     path, _ = exported_program
     model = torch.export.unflatten(torch.export.load(path))
 
-    assert stats_layer_names(model) == ["features.0", "features.2", "head"]
+    assert stats_layer_names(model) == ["features.1"]  # the ReLU between the two convolutions
+
+
+def test_the_models_own_output_has_no_dead_channels(batches):
+    """Logits below zero are votes against a class, not dead units: the layer whose output the model returns is
+    measured but never flagged (it used to report "dead: 93/1000" in red for the demo model's classifier)."""
+    with seeded(3):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    with torch.no_grad():
+        model[3].bias.fill_(-100.0)  # every logit negative for every image
+
+    results = collect_stats(model, batches, layers=["0", "3"])
+
+    assert results["3"].is_output and results["3"].dead_channels == [] and results["3"].max < 0
+    assert not results["0"].is_output
+    assert format_table(results).splitlines()[2].split()[6] == "-"
 
 
 @pytest.mark.parametrize("layer", ["conv1", "relu1", "conv2", "fc"])
@@ -113,7 +145,7 @@ def test_statistics_equal_torchs_over_all_images_concatenated(net, batches, laye
 
 
 def test_dead_channels_are_exactly_the_ones_forced_dead(net, batches):
-    results = collect_stats(net, batches)
+    results = collect_stats(net, batches, layers=CONV_AND_LINEAR)
 
     assert results["conv1"].dead_channels == [2]
     assert results["conv2"].dead_channels == []
@@ -237,7 +269,7 @@ def test_an_unknown_layer_fails_up_front_with_a_suggestion(net):
 
 def test_a_layer_that_does_not_run_is_reported_as_such(net, batches):
     net.unused = nn.Conv2d(3, 3, 1)
-    results = collect_stats(net, batches[:1])
+    results = collect_stats(net, batches[:1], layers=[*CONV_AND_LINEAR, "unused"])
 
     assert not results["unused"].ran
     assert "did not run" in format_table(results)
@@ -248,7 +280,7 @@ def test_a_layer_that_does_not_run_is_reported_as_such(net, batches):
 
 
 def test_the_table_has_one_line_per_layer_with_its_dead_count(net, batches):
-    table = format_table(collect_stats(net, batches))
+    table = format_table(collect_stats(net, batches, layers=CONV_AND_LINEAR))
     lines = table.splitlines()
 
     assert lines[0].split()[0] == "layer"
