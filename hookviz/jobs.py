@@ -26,7 +26,7 @@ from .methods import CLASS_INDEPENDENT, GRADIENT_METHODS
 from .models import LoadedModel
 from .output import layer_file_names, safe_name, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
-from .render import captioned, heat_in_image, normalize_map, overlay, to_pil
+from .render import captioned, heat_in_image, normalize_map, overlay, titled, to_pil
 from .spatial import spatial_output, to_spatial
 from .stats import StatsCollector
 
@@ -47,6 +47,8 @@ class FmapOptions:
         True  # False for the default "every Conv2d": convs that do not run (training-only heads) are skipped
     )
     tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
+    scale: str = "channel"  # "layer": one colour scale for all of a layer's tiles, with a colour bar
+    caption: bool = True  # a title band (layer, shape, input) above the grid
 
 
 @dataclass
@@ -57,6 +59,7 @@ class LayerMaps:
     channels: torch.Tensor  # (B, k) their indices
     shape: tuple[int, ...]  # (C, h, w) of the layer's output
     raw: torch.Tensor | None = None  # (B, C, h, w) everything, for --save-raw
+    ranges: torch.Tensor | None = None  # (B, 2) each image's smallest and largest value over all channels
 
 
 class FmapJob:
@@ -75,6 +78,9 @@ class FmapJob:
             "cmap": options.cmap,
             "save_raw": options.save_raw,
             "label_channels": options.label_channels,
+            # Only what differs from the defaults: earlier runs' keys stay as they were.
+            **({} if options.scale == "channel" else {"scale": options.scale}),
+            **({} if options.caption else {"caption": False}),
         }
 
     def output_patterns(self) -> list[str]:
@@ -97,7 +103,13 @@ class FmapJob:
             activation = to_spatial(output, layout)  # tokens and channels-last outputs as (B, C, h, w)
             maps, channels = selected_channels(activation, options.max_channels)
             raw = activation.detach().float().cpu() if options.save_raw else None
-            result[layer] = LayerMaps(maps=maps, channels=channels, shape=tuple(activation.shape[1:]), raw=raw)
+            ranges = None
+            if options.scale == "layer":
+                flat = activation.detach().flatten(1).float()
+                ranges = torch.stack([flat.min(dim=1).values, flat.max(dim=1).values], dim=1).cpu()
+            result[layer] = LayerMaps(
+                maps=maps, channels=channels, shape=tuple(activation.shape[1:]), raw=raw, ranges=ranges
+            )
         return result
 
     def write(self, item: PreparedImage, index: int, result: dict[str, LayerMaps]) -> Record:
@@ -109,13 +121,24 @@ class FmapJob:
         file_names = layer_file_names(options.layers)
         for layer, layer_maps in result.items():
             shape = layer_maps.shape
+            left, top, right, bottom = item.view.box
+            layer_range = None if layer_maps.ranges is None else tuple(layer_maps.ranges[index].tolist())
             grid = channel_grid(
                 layer_maps.maps[index],
                 layer_maps.channels[index].tolist(),
                 shape[0],
                 cmap=options.cmap,
                 label_channels=options.label_channels,
+                scale=options.scale,
+                aspect=(right - left) / (bottom - top),
+                layer_range=layer_range,
             )
+            picture = grid.image
+            if options.caption:
+                shown = f"{len(grid.channels)} of {grid.total_channels}" if grid.is_subset else f"{grid.total_channels}"
+                title = f"{layer} | {'x'.join(map(str, shape))} | {shown} channels | {item.path.name}"
+                colorbar = (options.cmap, *grid.value_range) if grid.value_range is not None else None
+                picture = titled(picture, title, colorbar)
             folder, name = options.out_dir / item.stem, f"fmap_{file_names[layer]}"
             metadata = {
                 "hookviz:layer": layer,
@@ -131,11 +154,11 @@ class FmapJob:
             output = {
                 "kind": "fmap",
                 "layer": layer,
-                "png": str(write_png(grid.image, folder / f"{name}.png", metadata)),
+                "png": str(write_png(picture, folder / f"{name}.png", metadata)),
                 "channels": grid.channels,
             }
             if options.tensorboard is not None:
-                options.tensorboard.add(f"fmaps/{layer}", grid.image, str(item.path))
+                options.tensorboard.add(f"fmaps/{layer}", picture, str(item.path))
             if layer_maps.raw is not None:  # --save-raw
                 output["raw"] = str(write_npy(layer_maps.raw[index], folder / f"{name}.npy"))
             record.outputs.append(output)

@@ -134,6 +134,34 @@ def captioned(picture: Image.Image, text: str) -> tuple[Image.Image, int]:
     return picture, scale
 
 
+TITLE_FONT = 13
+COLORBAR_WIDTH = 14
+
+
+def titled(picture: Image.Image, title: str, colorbar: tuple[str, float, float] | None = None) -> Image.Image:
+    """``picture`` under a white band with ``title`` (elided to fit), and with ``colorbar`` = (cmap, low, high)
+    a colour bar on the right labelled with the values of its two ends."""
+    probe = ImageDraw.Draw(picture)
+    labels = [f"{colorbar[2]:.3g}", f"{colorbar[1]:.3g}"] if colorbar else []
+    label_width = max((int(_text_width(probe, text, 11)) for text in labels), default=0)
+    bar_space = COLORBAR_WIDTH + label_width + 12 if colorbar else 0
+    band = TITLE_FONT + 10
+    canvas = Image.new("RGB", (picture.width + bar_space, picture.height + band), (255, 255, 255))
+    canvas.paste(picture, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    text = _elided(draw, title, TITLE_FONT, canvas.width - 8)
+    left, top, _, _ = draw.textbbox((0, 0), text, font=_font(TITLE_FONT))
+    draw.text((4 - left, 5 - top), text, fill=(20, 20, 20), font=_font(TITLE_FONT))
+    if colorbar:
+        cmap, _, _ = colorbar
+        height = picture.height
+        ramp = torch.linspace(1, 0, height)[:, None].expand(height, COLORBAR_WIDTH)
+        canvas.paste(to_pil(apply_colormap(ramp, cmap)), (picture.width + 6, band))
+        for text, y in zip(labels, (band, band + height - 12), strict=True):
+            draw.text((picture.width + 8 + COLORBAR_WIDTH, y), text, fill=(20, 20, 20), font=_font(11))
+    return canvas
+
+
 def _text_width(draw: ImageDraw.ImageDraw, text: str, size: int) -> float:
     left, _, right, _ = draw.textbbox((0, 0), text, font=_font(size))
     return right - left

@@ -508,6 +508,7 @@ def test_fmaps_of_vit_patch_tokens_are_a_14x14_grid(tmp_path, vits, vit_image):
         "16",
         "--json",
         "-q",
+        "--no-caption",  # the grid alone, without its title band
         "-o",
         str(tmp_path / "out"),
     )
@@ -517,8 +518,9 @@ def test_fmaps_of_vit_patch_tokens_are_a_14x14_grid(tmp_path, vits, vit_image):
     with Image.open(output["png"]) as grid:
         assert grid.text["hookviz:shape"] == "768x14x14"  # 196 patch tokens; the class token is dropped
         assert grid.text["hookviz:layer"] == VIT_LAYER
-        # 16 tiles in 4 columns, each 14x14 map enlarged 5x to 70 px, 2 px gaps.
-        assert grid.size == (4 * 72 + 2, 4 * 72 + 2)
+        # 16 tiles in 4 columns, each 14x14 map enlarged 5x to 70 px and widened to the 64x48 photo's 4:3
+        # (93 px: the model saw the photo squeezed into a square), 2 px gaps.
+        assert grid.size == (4 * (93 + 2) + 2, 4 * 72 + 2)
     assert len(output["channels"]) == 16
 
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from hookviz.errors import UsageError
-from hookviz.fmaps import MIN_TILE, TILE_GAP, feature_grid
+from hookviz.fmaps import MIN_TILE, TILE_GAP, channel_grid, feature_grid
 from hookviz.output import output_stems, safe_name
-from hookviz.render import apply_colormap, captioned, colormap_lut, normalize_map, to_pil
+from hookviz.render import apply_colormap, captioned, colormap_lut, normalize_map, titled, to_pil
 
 
 @pytest.mark.parametrize("index", [0, 1, 64, 128, 200, 254, 255])
@@ -168,3 +168,48 @@ def test_a_caption_too_long_for_the_width_loses_its_middle():
     band = np.asarray(result)[-20:]
     lit = np.nonzero((band > 200).all(axis=2).any(axis=0))[0]  # columns with white text
     assert lit.min() >= 1 and lit.max() <= result.width - 2  # the text fits inside the width
+
+
+def test_one_scale_for_the_layer_keeps_strong_and_weak_channels_apart():
+    """Per-tile scaling made a channel in [-2, 0.1] look as strong as one in [0, 19]; with scale="layer" one
+    range colours every tile, and the grid says which."""
+    weak = torch.linspace(-2, 0.1, 49).view(7, 7)
+    strong = torch.linspace(0, 19, 49).view(7, 7)
+
+    per_channel = channel_grid(torch.stack([weak, strong]), [0, 1], 2, label_channels=False)
+    per_layer = channel_grid(torch.stack([weak, strong]), [0, 1], 2, label_channels=False, scale="layer")
+
+    def brightest(grid, column):  # 7x7 maps become 70 px tiles (10x, nearest)
+        left = TILE_GAP + column * (70 + TILE_GAP)
+        tile = np.asarray(grid.image)[TILE_GAP : TILE_GAP + 70, left : left + 70]
+        return tile.astype(int).sum(axis=2).max()
+
+    assert brightest(per_channel, 0) == brightest(per_channel, 1)  # each tile spans the whole colormap
+    assert brightest(per_layer, 0) < brightest(per_layer, 1)
+    assert per_layer.value_range == (pytest.approx(-2.0), pytest.approx(19.0)) and per_channel.value_range is None
+
+
+def test_tiles_take_the_pictures_shape_and_labels_leave_small_tiles_alone():
+    maps = torch.rand(4, 7, 7)
+
+    wide = channel_grid(maps, [1000, 1001, 1002, 1003], 2048, aspect=4 / 3)
+    tiny = channel_grid(torch.rand(4, 2, 2), [1000, 1001, 1002, 1003], 2048, label_channels=True)
+
+    tile_w = (wide.image.width - 3 * TILE_GAP) // 2
+    tile_h = (wide.image.height - 3 * TILE_GAP) // 2
+    assert tile_w / tile_h == pytest.approx(4 / 3, rel=0.02)
+    plain = channel_grid(torch.rand(4, 2, 2), [1000, 1001, 1002, 1003], 2048, label_channels=False)
+    assert tiny.image.size == plain.image.size
+
+
+def test_a_titled_grid_names_its_layer_above_and_shows_its_scale_on_the_right():
+    grid = channel_grid(torch.rand(4, 7, 7), [0, 1, 2, 3], 4, scale="layer")
+
+    picture = titled(grid.image, "layer4 | 4x7x7 | 4 channels | cat.jpg", ("viridis", *grid.value_range))
+
+    assert picture.height > grid.image.height and picture.width > grid.image.width
+    band = np.asarray(picture)[: picture.height - grid.image.height]
+    assert (band < 128).any()  # dark text on the white band
+    np.testing.assert_array_equal(
+        np.asarray(picture)[picture.height - grid.image.height :, : grid.image.width], np.asarray(grid.image)
+    )

@@ -106,6 +106,15 @@ def layers(model: str, model_args: ModelArgs, as_json: bool, show_all: bool) -> 
 @click.option("--cmap", default="viridis", show_default=True, help="A matplotlib colormap name.")
 @click.option("--save-raw", is_flag=True, help="Also write each layer's output as float32 .npy (C, h, w).")
 @click.option("--no-index", is_flag=True, help="Do not print channel indices on the tiles.")
+@click.option(
+    "--scale",
+    type=click.Choice(["channel", "layer"]),
+    default="channel",
+    show_default=True,
+    help="channel: each tile scaled to its own range (weak channels visible); layer: one scale for the layer, "
+    "with a colour bar (channels compare).",
+)
+@click.option("--no-caption", "no_caption", is_flag=True, help="No title band (layer, shape, image) above the grid.")
 @tensorboard_option
 @model_options
 @run_options
@@ -118,6 +127,8 @@ def fmaps(
     cmap: str,
     save_raw: bool,
     no_index: bool,
+    scale: str,
+    no_caption: bool,
     tensorboard_dir: Path | None,
     model_args: ModelArgs,
     run: RunArgs,
@@ -128,6 +139,7 @@ def fmaps(
     Examples:
       hookviz fmaps resnet18 cat.jpg                      # every Conv2d layer
       hookviz fmaps model.pt2 photos/ -l layer2.0.conv1 --max-channels 16
+      hookviz fmaps resnet18 cat.jpg -l layer1 --scale layer   # one colour scale, with a colour bar
     """
     from ..errors import UsageError
     from ..hooks import resolve_layers
@@ -153,6 +165,8 @@ def fmaps(
                 cmap=cmap,
                 save_raw=save_raw,
                 label_channels=not no_index,
+                scale=scale,
+                caption=not no_caption,
                 layers_named=bool(layer_names),
                 tensorboard=sink,
             ),
