@@ -48,14 +48,22 @@ class Page(HTMLParser):
         self.tags: list[tuple[str, dict[str, str]]] = []
         self.text: list[str] = []
         self._in: list[str] = []
+        self._anchor: str | None = None
+        self.linked: list[tuple[dict[str, str], str | None]] = []  # each <img> and the href of the <a> around it
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, {name: value or "" for name, value in attrs}))
+        if tag == "a":
+            self._anchor = self.tags[-1][1].get("href")
+        elif tag == "img":
+            self.linked.append((self.tags[-1][1], self._anchor))
         if tag in ("script", "style"):
             self._in.append(tag)
 
     def handle_endtag(self, tag):
+        if tag == "a":
+            self._anchor = None
         if self._in and self._in[-1] == tag:
             self._in.pop()
 
@@ -65,6 +73,10 @@ class Page(HTMLParser):
 
     def all(self, tag: str) -> list[dict[str, str]]:
         return [attrs for name, attrs in self.tags if name == tag]
+
+    def link_around(self, img: dict[str, str]) -> str | None:
+        """The href of the link an <img> is in: its full-size file."""
+        return next(href for attrs, href in self.linked if attrs is img)
 
     def links(self) -> list[str]:
         return [attrs[key] for _, attrs in self.tags for key in ("src", "href") if key in attrs]
@@ -122,7 +134,8 @@ def test_labels_paths_and_errors_are_escaped(tmp_path):
     assert NASTY_LABEL in page.visible and NASTY_NAME in page.visible and 'bad "one" & <two>.jpg' in page.visible
     assert f'cannot read {NASTY_LABEL} & "friends"' in page.visible
     original = next(img for img in page.all("img") if img["alt"].startswith("original"))
-    assert target(out, original["src"]).resolve() == photo.resolve()  # '#', quotes, '&' and '<' all survive in the URL
+    # '#', quotes, '&' and '<' all survive in the URL of the full-size original (the picture is its thumbnail)
+    assert target(out, page.link_around(original)).resolve() == photo.resolve()
     assert all("#" not in link or link.startswith("#") for link in page.links())
 
 
@@ -173,7 +186,7 @@ def test_inputs_without_a_relative_path_get_a_file_uri(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gallery.os.path, "relpath", other_drive)
     page = Page(write_gallery(tmp_path / "out", [ok(photo)]).read_text(encoding="utf-8"))
-    assert page.all("img")[0]["src"] == photo.resolve().as_uri()
+    assert page.link_around(page.all("img")[0]) == photo.resolve().as_uri()  # the picture is its thumbnail in DIR
 
 
 def test_failed_inputs_are_listed_with_their_error(tmp_path):
@@ -230,7 +243,8 @@ def test_latest_record_per_input_wins_across_runs(tmp_path):
     cards = list(page.all("article"))
     assert len(cards) == 3 and [attrs["class"] for attrs in cards] == ["card ok", "card skipped", "card ok"]
     assert "new-a" in page.visible and "out of memory" not in page.visible and "Failed inputs" not in page.visible
-    assert "second-model" in page.visible and "first-model" not in page.visible
+    header = Page(text.split("</header>")[0]).visible  # every run is in the header, the newest first
+    assert header.index("second-model") < header.index("first-model")
     assert page.visible.count("old-b") == 1 and "only-c" in page.visible
 
 
@@ -261,8 +275,10 @@ def test_a_thousand_inputs_build_fast_with_lazy_sized_thumbnails(tmp_path):
         assert img["loading"] == "lazy" and img["decoding"] == "async"
         assert int(img["width"]) > 0 and int(img["height"]) > 0
     assert {(img["width"], img["height"]) for img in images if "gradcam" in img["src"]} == {("224", "160")}
-    anchors = {attrs["href"] for attrs in page.all("a")}
-    assert all(img["src"] in anchors for img in images)  # every thumbnail links to its full-size file
+    originals = {path.resolve() for path in shared}
+    for img in images:  # every thumbnail links to its full-size file (small overlays are their own thumbnails)
+        link = page.link_around(img)
+        assert link == img["src"] or (img["src"].startswith(".thumbs/") and target(out, link).resolve() in originals)
 
 
 def test_the_page_is_written_atomically(tmp_path, monkeypatch):
@@ -278,7 +294,207 @@ def test_the_page_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_gallery(out, [])
     assert path.read_text(encoding="utf-8") == before  # the old page stays whole
-    assert sorted(p.name for p in out.iterdir()) == ["index.html"]  # and no temporary file is left behind
+    assert sorted(p.name for p in out.iterdir()) == [".thumbs", "index.html"]  # .thumbs: a.png's thumbnail
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # and no temporary file is left behind
+
+
+# ------------------------------------------------------------------------------------------------ thumbnails
+
+
+def photo_with_exif(path: Path, size=(1200, 800), orientation=6) -> Path:
+    """A JPEG stored on its side, left half red and right half blue, with an EXIF orientation to show it upright."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, (220, 20, 20))
+    image.paste((20, 20, 220), (size[0] // 2, 0, size[0], size[1]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, quality=90, exif=exif)
+    return path
+
+
+def cli_run(out: Path, photos: list[Path], run="r1", command="gradcam", outputs=None, **header) -> None:
+    """A run's manifest lines as the CLI writes them: a header, then a record (with identity and folder) per input."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out)
+    manifest.append({**HEADER, "run": run, "command": command, "key": command, "inputs": len(photos), **header})
+    for photo in photos:
+        made = outputs(photo) if outputs else [cam(png(out / photo.stem / "gradcam_layer4_c281.png", (160, 120)))]
+        record = ok(photo, *made, identity=os.path.realpath(photo), folder=photo.stem)
+        manifest.append({"type": "input", "run": run, **record})
+
+
+def thumbnails(out: Path) -> dict[str, int]:
+    """Every file in DIR/.thumbs/, relative to it, with its modification time."""
+    return {
+        str(p.relative_to(out / ".thumbs")): p.stat().st_mtime_ns for p in (out / ".thumbs").rglob("*") if p.is_file()
+    }
+
+
+def test_thumbnails_are_small_upright_and_link_their_full_size_files(tmp_path):
+    out = tmp_path / "out"
+    photo = photo_with_exif(tmp_path / "photos" / "side.jpg")  # 1200x800 stored, 800x1200 shown
+
+    def outputs(photo: Path) -> list[dict]:
+        return [
+            {"kind": "fmap", "layer": "layer1", "png": str(png(out / photo.stem / "fmap_layer1.png", (1000, 600)))},
+            cam(png(out / photo.stem / "gradcam_layer4_c281.png", (200, 150))),
+        ]
+
+    cli_run(out, [photo], outputs=outputs)
+    page = Page(gallery_from_manifest(out).read_text(encoding="utf-8"))
+
+    (original, grid, overlay) = page.all("img")
+    assert original["src"] == ".thumbs/side/_original.png" and page.link_around(original) == "../photos/side.jpg"
+    assert grid["src"] == ".thumbs/side/fmap_layer1.png" and page.link_around(grid) == "side/fmap_layer1.png"
+    assert overlay["src"] == page.link_around(overlay) == "side/gradcam_layer4_c281.png"  # small: shown as it is
+    assert "800×1200" in page.visible  # the original's own size, upright, under its thumbnail
+    for img in (original, grid):
+        with Image.open(target(out, img["src"])) as thumb:
+            assert max(thumb.size) <= 256 and thumb.size == (int(img["width"]), int(img["height"]))
+            assert thumb.format == "PNG"
+            upright = thumb.convert("RGB")
+        if img is original:
+            assert thumb.size == (171, 256)  # EXIF orientation applied: tall, red on top and blue below
+            red, blue = upright.getpixel((85, 40)), upright.getpixel((85, 215))
+            assert red[0] > 150 > red[2] and blue[2] > 150 > blue[0], (red, blue)
+        else:
+            assert thumb.size == (256, 154)
+    grid_file = out / "side" / "fmap_layer1.png"
+    assert target(out, grid["src"]).stat().st_size < grid_file.stat().st_size
+
+
+def test_the_page_works_after_the_folder_is_moved(tmp_path):
+    root = tmp_path / "first"
+    photos = [png(root / "photos" / f"p{n}.png", (640, 480), color) for n, color in enumerate(COLORS[:3])]
+    out = root / "out"
+    cli_run(out, photos)
+    gallery_from_manifest(out)
+    made = thumbnails(out)
+    assert sorted(made) == [f"p{n}/_original.png" for n in range(3)]  # 160x120 overlays need none
+
+    moved = shutil.move(str(out), str(tmp_path / "elsewhere" / "copy"))
+    shutil.rmtree(root)  # the originals are out of reach now, as on another machine
+    moved = Path(moved)
+    for page in (moved / "index.html", gallery_from_manifest(moved)):  # as it was moved, and rebuilt there
+        parsed = Page(page.read_text(encoding="utf-8"))
+        images = parsed.all("img")
+        assert len(images) == 6
+        for img in images:  # every picture is inside the moved folder: the originals from their copies
+            assert not urlsplit(img["src"]).scheme and target(moved, img["src"]).is_file(), img["src"]
+        originals = [img for img in images if img["alt"].startswith("original")]
+        assert [img["src"] for img in originals] == [f".thumbs/p{n}/_original.png" for n in range(3)]
+        assert all(parsed.link_around(img).endswith(f"photos/p{n}.png") for n, img in enumerate(originals))
+        assert "640×480" in parsed.visible  # the size, kept in the copy
+    assert thumbnails(moved) == made  # not made again (nor dropped) without their originals
+
+
+def test_a_rebuild_makes_only_missing_and_outdated_thumbnails(tmp_path):
+    out = tmp_path / "out"
+    photos = [photo_with_exif(tmp_path / "photos" / f"p{n}.jpg", (900, 700), 1) for n in range(3)]
+
+    def outputs(photo: Path) -> list[dict]:
+        return [{"kind": "fmap", "layer": "layer1", "png": str(png(out / photo.stem / "fmap_layer1.png", (800, 800)))}]
+
+    cli_run(out, photos, outputs=outputs)
+    gallery_from_manifest(out)
+    first = thumbnails(out)
+    assert len(first) == 6  # an original and a grid per input
+    inodes = {name: (out / ".thumbs" / name).stat().st_ino for name in first}
+
+    gallery_from_manifest(out)
+    assert thumbnails(out) == first  # nothing rewritten
+    assert {name: (out / ".thumbs" / name).stat().st_ino for name in first} == inodes
+
+    # A newer grid (a later run wrote it again) and a thumbnail deleted: just those two are made again.
+    grid = png(out / "p1" / "fmap_layer1.png", (800, 800), color=(10, 200, 10))
+    later = first["p1/fmap_layer1.png"] + 5_000_000_000
+    os.utime(grid, ns=(later, later))
+    (out / ".thumbs" / "p2" / "_original.png").unlink()
+    gallery_from_manifest(out)
+    second = thumbnails(out)
+    changed = {name for name in first if second[name] != first[name]}
+    assert changed == {"p1/fmap_layer1.png", "p2/_original.png"}
+    with Image.open(out / ".thumbs" / "p1" / "fmap_layer1.png") as thumb:
+        assert thumb.convert("RGB").getpixel((10, 10)) == (10, 200, 10)  # made from the new grid
+
+
+def test_a_thumbnail_that_cannot_be_made_does_not_break_the_page(tmp_path):
+    out = tmp_path / "out"
+    garbage = tmp_path / "photos" / "garbage.jpg"
+    garbage.parent.mkdir(parents=True)
+    garbage.write_bytes(b"not a JPEG at all")
+    scan = tmp_path / "photos" / "scan.tif"  # no browser shows TIFF: its PNG thumbnail does
+    Image.new("RGB", (600, 300), (30, 60, 90)).save(scan)
+    gone = out / "garbage" / "gradcam_layer4_c281.png"
+    records = [
+        ok(garbage, cam(gone), folder="garbage"),
+        ok(scan, cam(png(out / "scan" / "gradcam_layer4_c281.png", (600, 300))), folder="scan"),
+        ok(tmp_path / "photos" / "deleted.png", folder="deleted"),
+    ]
+    page = Page(write_gallery(out, records, HEADER).read_text(encoding="utf-8"))
+
+    shown = {
+        img["alt"].split(": ")[-1] if img["alt"].startswith("original") else img["src"]: img for img in page.all("img")
+    }
+    # Unreadable or missing: the full-size file is the picture, which a browser then marks as missing.
+    assert shown[str(garbage)]["src"] == "../photos/garbage.jpg"
+    assert shown[str(tmp_path / "photos" / "deleted.png")]["src"] == "../photos/deleted.png"
+    assert "garbage/gradcam_layer4_c281.png" in shown
+    assert shown[str(scan)]["src"] == ".thumbs/scan/_original.png"
+    assert (shown[str(scan)]["width"], shown[str(scan)]["height"]) == ("256", "128")
+    assert ".thumbs/scan/gradcam_layer4_c281.png" in shown
+    assert sorted(thumbnails(out)) == ["scan/_original.png", "scan/gradcam_layer4_c281.png"]
+
+
+def test_a_file_name_that_is_not_utf8_is_linked_and_shown(tmp_path):
+    photos = tmp_path / "photos"
+    photo = png(photos / os.fsdecode(b"bad\xff.png"), (400, 300))  # as os.listdir gives it: a lone surrogate
+    out = tmp_path / "out"
+    text = write_gallery(out, [ok(photo, identity=str(photo), folder="bad_")]).read_text(encoding="utf-8")
+    page = Page(text)
+
+    (original,) = page.all("img")
+    assert page.link_around(original) == "../photos/bad%FF.png"  # the file's own bytes
+    assert original["src"] == ".thumbs/bad_/_original.png" and target(out, original["src"]).is_file()
+    assert "bad\\udcff.png" in page.visible
+
+
+def test_every_run_is_in_the_header(tmp_path):
+    out = tmp_path / "out"
+    photos = [png(tmp_path / "photos" / f"p{n}.png") for n in range(3)]
+
+    def grids(photo: Path) -> list[dict]:
+        return [{"kind": "fmap", "layer": "layer1", "png": str(png(out / photo.stem / "fmap_layer1.png"))}]
+
+    cli_run(
+        out,
+        photos,
+        run="f1",
+        command="fmaps",
+        model="resnet18",
+        settings={"layers": ["layer1", "layer2.0.conv1"]},
+        started="2026-03-04T10:00:00+00:00",
+        outputs=grids,
+    )
+    cli_run(out, photos[:2], run="g1", model="resnet50", started="2026-03-04T11:30:00+00:00")
+    Manifest(out).append({"type": "input", "run": "g1", **failed(photos[2], "out of memory")})
+    text = gallery_from_manifest(out).read_text(encoding="utf-8")
+    page = Page(text)
+
+    assert "<title>hookviz fmaps + gradcam</title>" in text
+    rows = [" ".join(row.split()) for row in Page(text.split("</header>")[0]).visible.split("\n") if row.strip()]
+    header = " ".join(rows)
+    assert "2 runs" in header
+    gradcam_row = header.index("2026-03-04 11:30 UTC gradcam resnet50 gradcam @ layer4; top-2 2 ok · 1 failed")
+    fmaps_row = header.index("2026-03-04 10:00 UTC fmaps resnet18 layer1, layer2.0.conv1 3 ok")
+    assert gradcam_row < fmaps_row  # the newest first
+    assert len(page.all("article")) == 3 and page.visible.count("layer1") >= 3  # both runs' pictures on the cards
+
+    for number in range(10):  # many runs: the newest 8 in the table, the earlier ones folded away
+        Manifest(out).append({**HEADER, "run": f"x{number}", "model": f"model-{number}"})
+    page = Page(gallery_from_manifest(out).read_text(encoding="utf-8"))
+    assert all(f"model-{number}" in page.visible for number in range(10)) and "resnet18" in page.visible
+    assert "12 runs, newest first" in page.visible and "4 earlier runs" in page.visible
 
 
 # ------------------------------------------------------------------------------------------------ a real browser
@@ -349,4 +565,14 @@ def test_a_real_browser_renders_every_picture(tmp_path):
     good = gallery_from_manifest(browser_run(tmp_path, "good"))
     assert len(Page(good.read_text(encoding="utf-8")).all("img")) == 8  # 4 originals + 4 overlays; the failure has none
     tally = rendered(tmp_path, good)
+    assert tally == {"total": 8, "loaded": 8, "broken": 0}, tally
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it with apt-get)")
+def test_a_real_browser_shows_the_originals_of_a_moved_folder(tmp_path):
+    out = browser_run(tmp_path, "run")
+    gallery_from_manifest(out)
+    moved = Path(shutil.move(str(out), str(tmp_path / "moved")))
+    shutil.rmtree(tmp_path / "run")  # the originals are gone: their thumbnails in the folder show them
+    tally = rendered(tmp_path, moved / "index.html")
     assert tally == {"total": 8, "loaded": 8, "broken": 0}, tally
