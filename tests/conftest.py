@@ -148,6 +148,15 @@ def project(tmp_path: Path, nets: ModuleType) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """hookviz caches torchvision's architecture signatures under $XDG_CACHE_HOME; tests (and their subprocesses)
+    use a folder of their own, so a run never reads or leaves a cache in the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _sys_path_restored(monkeypatch: pytest.MonkeyPatch) -> None:
     """hookviz puts the working directory on ``sys.path`` to import a ``module:callable`` MODEL (as ``python -m``

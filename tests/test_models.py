@@ -24,6 +24,14 @@ def _same_outputs(a: nn.Module, b: nn.Module, shape=(2, 3, 64, 64)) -> bool:
         return torch.allclose(a.eval()(x), b.eval()(x), atol=1e-5)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Architecture detection caches signatures under $XDG_CACHE_HOME: here a temporary folder, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 # --- (1) torchvision model names -------------------------------------------------------------------
 
 
@@ -90,7 +98,7 @@ def test_state_dict_with_arch_given(saved_models, resnet18_10):
 
 @pytest.fixture(scope="module")
 def detected(saved_models):
-    """Loading without --arch searches every torchvision architecture: do it once for the module."""
+    """Loading without --arch compares the file with every torchvision architecture: do it once for the module."""
     return load_model(str(saved_models["state_dict"]), device="cpu")
 
 
