@@ -1,0 +1,158 @@
+"""Every example in the README and in each command's --help runs, as written, through a real shell.
+
+`trace --help`'s jq example printed null for every row because its field had been renamed: examples
+are code, so they are run. Nothing is downloaded: a `hookviz` wrapper first on PATH turns torchvision
+names into the same architectures with random weights at a small size (resnet50 -> resnet18), and the
+files the examples name (cat.jpg, photos/, model.pt2, the demo model, sample_images) exist in each
+example's own folder. Every example must exit 0 without a traceback, and a jq filter must find
+something in every record it reads (no null).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import write_noise_image
+from process_helpers import hookviz_command, subprocess_env
+
+from hookviz.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# Lines that need what this machine has not: GNU parallel (an example of running shards side by side).
+NEEDS = {"parallel ": "GNU parallel"}
+
+WRAPPER = """#!{python}
+# hookviz, as the examples call it, with models that need no download and run fast.
+import os, sys
+args = sys.argv[1:]
+if len(args) > 1 and args[1] in ("resnet50", "resnet18", "vit_b_16"):
+    args[1] = "resnet18" if args[1] != "vit_b_16" else "vit_b_16"
+    if "--weights" not in args:
+        args += ["--weights", "none"]
+    if args[1] == "resnet18" and "--size" not in args:
+        args += ["--size", "64"]
+    if "--labels" not in args and args[0] != "layers":
+        args += ["--labels", "imagenet"]  # random weights carry no class names; the examples use them
+args = [arg.replace("/data/", "data/") for arg in args]
+os.execv({real!r}, [{real!r}, *args])
+"""
+
+
+def examples() -> list[tuple[str, str]]:
+    """(where, command line) for every hookviz example: the README's shell blocks and each --help."""
+    found = []
+    for command in [main, *main.commands.values()]:
+        name = getattr(command, "name", None) or "hookviz"
+        for line in (command.help or "").splitlines():
+            if line.strip().startswith(("hookviz ", "find ")):
+                found.append((f"{name} --help", line.strip()))
+    text = README.read_text(encoding="utf-8")
+    for block in re.findall(r"```(?:bash|console|sh)?\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)  # continuation lines
+        for line in joined.splitlines():
+            line = line.strip().removeprefix("$ ")
+            if re.match(r"^(hookviz |find |parallel )", line) and not line.startswith(
+                "hookviz gradcam model.pt2 /data"
+            ):
+                found.append(("README", line))
+            elif line.startswith("hookviz gradcam model.pt2 /data"):  # the SLURM array's line
+                found.append(("README (SLURM)", line))
+    unique: dict[str, tuple[str, str]] = {}
+    for where, line in found:  # an example shown in two places runs once
+        unique.setdefault(without_comment(line), (where, line))
+    return list(unique.values())
+
+
+def without_comment(line: str) -> str:
+    return re.sub(r"\s+#\s.*$", "", line)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the examples name, made once: photos, a .pt2 of resnet18, the demo model, sample images."""
+    folder = tmp_path_factory.mktemp("example-inputs")
+    for name in ("cat.jpg", "photo.jpg", "img.png"):
+        write_noise_image(folder / name, 96, 72, seed=len(name))
+    for i in range(2):
+        write_noise_image(folder / "photos" / f"p{i}.jpg", 80, 60, seed=10 + i)
+    (folder / "data").mkdir()
+    shutil.copytree(folder / "photos", folder / "data" / "photos")
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        resnet = torchvision.models.resnet18(weights=None).eval()
+    program = torch.export.export(
+        resnet, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
+    torch.export.save(program, folder / "model.pt2")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from hookviz.demo import export_efficientnet_lite0
+
+    export_efficientnet_lite0(folder / "efficientnet_lite0.pt2")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wrapper_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("bin")
+    script = folder / "hookviz"
+    real = hookviz_command()[0]
+    script.write_text(WRAPPER.format(python=sys.executable, real=real))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+def test_the_examples_are_found():
+    """So that the test below cannot pass by finding nothing."""
+    where = {place for place, _ in examples()}
+    assert len(examples()) >= 25 and {"trace --help", "gradcam --help", "README"} <= where
+
+
+@pytest.mark.parametrize(("where", "line"), examples(), ids=[f"{w}: {line[:60]}" for w, line in examples()])
+def test_an_example_runs_as_written(tmp_path, inputs, wrapper_bin, where, line):
+    needed = next((what for prefix, what in NEEDS.items() if line.startswith(prefix)), None)
+    if needed and shutil.which(line.split()[0]) is None:
+        pytest.skip(f"needs {needed}")
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("cat.jpg", "photo.jpg", "img.png", "model.pt2"):
+        (work / name).symlink_to(inputs / name)
+    for name in ("photos", "data"):  # copies: `find` does not enter a linked folder
+        shutil.copytree(inputs / name, work / name)
+    (work / "sample_images").symlink_to(ROOT / "sample_images")
+    (work / "out").mkdir()
+    shutil.copy(inputs / "efficientnet_lite0.pt2", work / "out" / "efficientnet_lite0.pt2")
+    last_run = work / "last_run"
+    last_run.touch()
+    os.utime(last_run, (0, 0))  # older than every photo: `find -newer last_run` lists them all
+    env = {
+        **subprocess_env(),
+        "PATH": f"{wrapper_bin}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_ARRAY_TASK_ID": "0",
+        "SLURM_ARRAY_TASK_COUNT": "1",
+    }
+
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", without_comment(line)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert done.returncode == 0, f"{where}: {line}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr
+    if "| jq" in line:
+        printed = done.stdout.split()
+        assert printed and "null" not in printed, f"{where}: {line}\n{done.stdout[:2000]}"
