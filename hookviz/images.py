@@ -7,6 +7,7 @@ overlay is drawn on are the same picture the user sees in a viewer.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -23,6 +24,7 @@ from .preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 STDIN = "-"
+ORIENTATION_TAG = 0x0112  # EXIF
 # --crop resizes the whole image before cropping (as torchvision does) up to this aspect ratio; longer strips
 # are resampled only where the crop keeps them.
 MAX_RESIZED_ASPECT = 8
@@ -73,11 +75,14 @@ def _is_listed_image(path: Path, folder: Path) -> bool:
     return not hidden and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
-def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: Path | str, max_pixels: int | None = None, max_area: int | None = None) -> Image.Image:
     """Decode an image file to 8-bit RGB with EXIF orientation applied. Raises InputError.
 
     Images larger than ``max_pixels`` (default: Pillow's decompression-bomb limit,
-    about 89 megapixels) are refused before they are decoded.
+    about 89 megapixels) are refused before they are decoded. With ``max_area``, a
+    picture of more pixels comes back reduced to about that many, keeping its shape (a
+    JPEG is decoded at reduced size to begin with, so a 64-megapixel photo never takes
+    its full size in memory); ``image.info["original_size"]`` keeps its size in the file.
     """
     path = Path(path)
     limit = max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS
@@ -93,8 +98,19 @@ def load_image(path: Path | str, max_pixels: int | None = None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _pixel_limit(limit), Image.open(path) as image:
                 image.seek(0)  # animated GIF/WebP/TIFF: the first frame
+                turned = image.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8)  # a quarter turn swaps the sides
+                original_size = (image.height, image.width) if turned else image.size
+                if max_area is not None and image.width * image.height > max_area and image.format == "JPEG":
+                    factor = math.sqrt(max_area / (image.width * image.height))  # draft: 1/2, 1/4, 1/8, not below
+                    image.draft("RGB", (math.ceil(image.width * factor), math.ceil(image.height * factor)))
                 image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+                decoded = to_rgb(ImageOps.exif_transpose(image))
+            if max_area is not None and decoded.width * decoded.height > max_area:
+                factor = math.sqrt(max_area / (decoded.width * decoded.height))
+                size = (max(1, round(decoded.width * factor)), max(1, round(decoded.height * factor)))
+                decoded = decoded.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+            decoded.info["original_size"] = original_size
+            return decoded
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
             f"{shown(path)}: image has more than {limit:,} pixels, a possible decompression bomb; "

@@ -397,7 +397,11 @@ def _class_patterns(options: CamOptions) -> list[str]:
 
 
 def _record(loaded: LoadedModel, item: PreparedImage, probabilities: torch.Tensor, options: CamOptions) -> Record:
-    return Record(input=str(item.path), extra={"predictions": _predictions(loaded, probabilities, options.predictions)})
+    """The record of one explained input; ``downscaled_from`` when its pictures are smaller than the file."""
+    extra: dict[str, Any] = {"predictions": _predictions(loaded, probabilities, options.predictions)}
+    if item.original_size is not None:
+        extra["downscaled_from"] = list(item.original_size)
+    return Record(input=str(item.path), extra=extra)
 
 
 def _write_class_output(

@@ -32,7 +32,11 @@ from .images import ModelView, image_to_tensor, load_image, model_view, preproce
 from .models import LoadedModel
 from .preprocessing import Preprocessing
 
-WRITES_IN_FLIGHT = 2  # batches handed to the writer and not yet reported; bounds memory
+WRITES_IN_FLIGHT = 2
+# Pictures are drawn at the photo's own resolution up to this many pixels (4096 x 4096): beyond it a picture costs
+# memory and disk (a 64-megapixel overlay took 5 GB) without showing the viewer more. A long thin strip is not
+# reduced: it is small however long it is.
+MAX_PICTURE_AREA = 4096 * 4096  # batches handed to the writer and not yet reported; bounds memory
 
 
 @dataclass
@@ -44,6 +48,7 @@ class PreparedImage:
     pixels: torch.Tensor  # the original as uint8 (3, H, W), RGB, EXIF-oriented: overlays are drawn on it
     tensor: torch.Tensor  # the normalized model input (3, h, w)
     view: ModelView  # where the model input lies in the original
+    original_size: tuple[int, int] | None = None  # (width, height) in the file, when the pixels are reduced from it
 
     @property
     def size(self) -> tuple[int, int]:
@@ -115,7 +120,7 @@ def prepare_image(
     path: Path, stem: str, preprocessing: Preprocessing, crop: bool, max_pixels: int | None = None
 ) -> PreparedImage:
     """Decode ``path`` and make its model input; ``stem`` names its output folder. Raises InputError."""
-    image = load_image(path, max_pixels=max_pixels)
+    image = load_image(path, max_pixels=max_pixels, max_area=MAX_PICTURE_AREA)
     try:
         tensor = preprocess(image, preprocessing, crop=crop)
     except InputError as exc:
@@ -126,6 +131,7 @@ def prepare_image(
         pixels=image_to_tensor(image),
         tensor=tensor,
         view=model_view(image.size, preprocessing, crop=crop),
+        original_size=image.info["original_size"] if image.info.get("original_size") != image.size else None,
     )
 
 

@@ -306,7 +306,14 @@ def test_a_file_name_that_is_not_utf8_is_recorded_and_the_run_goes_on(project):
 
 @pytest.mark.parametrize(
     "case",
-    ["manifest-is-a-directory", "disk-full-at-start", "gallery-cannot-be-written", "size-100000", "binary-labels"],
+    [
+        "manifest-is-a-directory",
+        "disk-full-at-start",
+        "gallery-cannot-be-written",
+        "size-100000",
+        "binary-labels",
+        "nan-mean",
+    ],
 )
 def test_what_used_to_be_a_traceback_is_one_line(project, case):
     image = write_noise_image(project / "im.png", seed=0)
@@ -326,6 +333,8 @@ def test_what_used_to_be_a_traceback_is_one_line(project, case):
         args, expected_code = [*args, "--html"], 1
     elif case == "size-100000":
         args = ["layers", BATCHNET, "--size", "100000"]
+    elif case == "nan-mean":  # gave "score": NaN on stdout with status ok
+        args = [*args, "--mean", "nan,nan,nan"]
     elif case == "binary-labels":
         (project / "labels.bin").write_bytes(bytes(range(256)) * 4)
         args = [*args, "--labels", project / "labels.bin"]
@@ -437,3 +446,27 @@ def test_the_summary_counts_images_per_second_of_images_done(project):
     assert result.exit_code == 1
     summary = result.stderr.splitlines()[-1]
     assert summary.startswith("hookviz: 0 ok, 2 failed") and "images/s" not in summary
+
+
+def test_a_huge_jpeg_is_decoded_at_reduced_size_and_says_so(project):
+    """A 9000x6000 JPEG (54 megapixels) used to take its full size several times over while its overlay was drawn;
+    it is decoded at reduced size (JPEG draft), drawn at about 16.8 megapixels (4096x4096) in its own shape, and
+    the record says from what."""
+    Image.new("RGB", (9000, 6000), (180, 90, 40)).save(project / "huge.jpg", quality=80)
+
+    with open(project / "run.out", "wb") as stdout:
+        process = subprocess.Popen(
+            [*hookviz_command(), *GRADCAM, "huge.jpg", "-o", "out", "-q", "--json"],
+            cwd=project,
+            env=subprocess_env(),
+            stdout=stdout,
+            stdin=subprocess.DEVNULL,
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    (record,) = strict_json_lines((project / "run.out").read_text())
+    assert record["downscaled_from"] == [9000, 6000]
+    with Image.open(project / record["outputs"][0]["png"]) as overlay:
+        assert overlay.size == (5017, 3344) and overlay.width * overlay.height <= 4096 * 4096
+    assert usage.ru_maxrss * 1024 < 3 * 2**30  # about 2 GB; drawing the photo at its full size took over 5 GB
