@@ -19,6 +19,7 @@ from .cams import batched_gradients, choose_classes, compute_cams
 from .errors import UsageError
 from .forward import run_model, select_logits
 from .hooks import hook_handles, preserved_state
+from .layers import exported_op
 
 _RELU_OPS = ("aten.relu", "aten.relu_", "aten.relu6", "aten.hardtanh", "aten.hardtanh_")
 
@@ -39,11 +40,8 @@ def is_relu_module(module: nn.Module) -> bool:
     """nn.ReLU / nn.ReLU6, or an unflattened torch.export module that is only a ReLU."""
     if isinstance(module, (nn.ReLU, nn.ReLU6)):
         return True
-    graph = getattr(module, "graph", None)
-    if graph is None or any(True for _ in module.parameters(recurse=False)):
-        return False
-    calls = [str(node.target) for node in graph.nodes if node.op == "call_function"]
-    return len(calls) == 1 and calls[0].startswith(_RELU_OPS)
+    op = exported_op(module)
+    return op is not None and op.startswith(_RELU_OPS)
 
 
 def _guided_hook(module: nn.Module, inputs: Any, output: Any) -> Any:

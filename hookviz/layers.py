@@ -102,11 +102,18 @@ def is_activation_layer(module: nn.Module) -> bool:
     """An activation function as a module (nn.ReLU, nn.GELU, nn.SiLU, ...), also unflattened from a torch.export program."""
     if isinstance(module, ACTIVATIONS):
         return True
+    op = exported_op(module)
+    return op is not None and op.startswith(ACTIVATION_OPS)
+
+
+def exported_op(module: nn.Module) -> str | None:
+    """The one op (``aten.relu.default``, ...) of a parameterless module unflattened from a torch.export program;
+    None for any other module. Unflattening turns every module into an InterpreterModule: its graph says what it was."""
     graph = getattr(module, "graph", None)
     if graph is None or any(True for _ in module.parameters(recurse=False)):
-        return False
+        return None
     calls = [str(node.target) for node in graph.nodes if node.op == "call_function"]
-    return len(calls) == 1 and calls[0].startswith(ACTIVATION_OPS)
+    return calls[0] if len(calls) == 1 else None
 
 
 def conv_layer_names(model: nn.Module) -> list[str]:

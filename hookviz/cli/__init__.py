@@ -32,7 +32,7 @@ from .options import (
     tensorboard_option,
 )
 from .report import HookvizGroup, note, report_records, reports_errors, say
-from .runs import explained, load, note_repeated_layers, run_batch, tensorboard_images
+from .runs import explained, load, note_repeated_layers, run_batch, tensorboard_images, traced
 
 
 @click.group(cls=HookvizGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,16 +66,10 @@ def layers(model: str, model_args: ModelArgs, as_json: bool, show_all: bool) -> 
     Example:
       hookviz layers resnet50 --weights none
     """
-    from ..layers import layer_records, layer_table, trace_layers
+    from ..layers import layer_records, layer_table
 
     loaded = load(model, model_args, quiet=as_json)
-    trace = trace_layers(
-        loaded.module,
-        loaded.preprocessing.input_size,
-        loaded.device,
-        batch=loaded.fixed_batch or 1,
-        channels=loaded.preprocessing.channels,
-    )
+    trace = traced(loaded)
     cam_layer = trace.default_cam_layer()
     rows = [info for info in trace.layers if show_all or info.output_shape is not None]
     if as_json:

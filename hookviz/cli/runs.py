@@ -13,6 +13,7 @@ from .options import ModelArgs, RunArgs, TargetArgs
 from .report import note, report_records, summary_line
 
 if TYPE_CHECKING:
+    from ..layers import ModelTrace
     from ..models import LoadedModel
     from ..pipeline import Job
 
@@ -33,7 +34,6 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
     """Load the model, resolve the --class values and the target layer (the default one when -l is omitted)."""
     from ..errors import UsageError
     from ..hooks import resolve_layers
-    from ..layers import trace_layers
 
     if target.class_values and target.top_k != 1:
         raise UsageError("give either --class or --top-k, not both")
@@ -43,13 +43,7 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
     check_classes(loaded, classes, target.top_k, labels_given=model_args.labels is not None)
     layer = target.layer_name
     if layer is None:
-        layer = trace_layers(
-            loaded.module,
-            loaded.preprocessing.input_size,
-            loaded.device,
-            batch=loaded.fixed_batch or 1,
-            channels=loaded.preprocessing.channels,
-        ).default_cam_layer()
+        layer = traced(loaded).default_cam_layer()
         if layer is None:
             raise UsageError("the model has no layer with a spatial output to explain; name one with -l")
         if not quiet:
@@ -80,6 +74,19 @@ def note_repeated_layers(loaded: LoadedModel, layers: list[str]) -> None:
                 f"layer {layer} runs {count} times per forward pass; using its last call "
                 f"(pick one with -l {layer}#1 ... {layer}#{count})"
             )
+
+
+def traced(loaded: LoadedModel) -> ModelTrace:
+    """Every module of the loaded model with its output on one dummy input of the model's size and channels."""
+    from ..layers import trace_layers
+
+    return trace_layers(
+        loaded.module,
+        loaded.preprocessing.input_size,
+        loaded.device,
+        batch=loaded.fixed_batch or 1,
+        channels=loaded.preprocessing.channels,
+    )
 
 
 def check_classes(loaded: LoadedModel, classes: list[int], top_k: int, labels_given: bool) -> None:
