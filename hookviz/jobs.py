@@ -248,7 +248,8 @@ class CamJob:
             heat, seen = heat_in_image(result.maps[index, k], item.view.box, item.size)
             label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
             picture = to_pil(overlay(item.pixels, heat, alpha=options.alpha, cmap=options.cmap, seen=seen))
-            method_at_layer = f"{options.method} @ {options.layer}"
+            empty = result.empty is not None and bool(result.empty[index, k])
+            method_at_layer = f"{options.method} @ {options.layer}" + (" (empty map)" if empty else "")
             name = f"{safe_name(options.method)}_{safe_name(options.layer)}"
             if class_independent:  # the same map for every class: one picture, and no class in its caption
                 picture, scale = _captioned(picture, f"class-independent | {method_at_layer}", options)
@@ -280,7 +281,7 @@ class CamJob:
                     kind="cam",
                     scale=scale,
                 )
-            if result.empty is not None and bool(result.empty[index, k]):
+            if empty:
                 output["empty"] = True
                 output["warning"] = _empty_map_warning(
                     item, options, label, result.probabilities[index], class_independent

@@ -83,7 +83,9 @@ def spatial_output(
     """
     output = activations.get(layer)
     if output is None and calls:
-        raise UsageError(f"layer {layer!r}: the module ran {calls} time(s) per forward pass; pick a call up to that")
+        base = layer.rpartition("#")[0] or layer
+        choices = f"{base}#1" if calls == 1 else f"{base}#1 ... {base}#{calls}"
+        raise UsageError(f"layer {layer!r}: the module runs {calls} time(s) per forward pass; pick one of {choices}")
     if output is None:
         raise UsageError(f"layer {layer!r} did not run in the forward pass; choose another with -l")
     layout = spatial_layout(output.shape, input_size)

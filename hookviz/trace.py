@@ -274,7 +274,8 @@ def format_trace(trace: Trace | Iterable[TraceEvent]) -> str:
     """An aligned table: forward rows, then backward rows, module names indented by depth."""
     events = trace.events if isinstance(trace, Trace) else list(trace)
     header = ["dir", "#", "module", "type", "input", "output / gradient", "min", "max", "mean", "norm", "note"]
-    rows = [header] + [_row(event) for event in events]
+    repeated = {event.name for event in events if event.call > 1}
+    rows = [header] + [_row(event, repeated) for event in events]
     if isinstance(trace, Trace) and trace.input_gradient is not None:
         gradient = trace.input_gradient
         rows.append(
@@ -295,8 +296,10 @@ def format_trace(trace: Trace | Iterable[TraceEvent]) -> str:
     return format_table(rows, right=(1, 6, 7, 8, 9))
 
 
-def _row(event: TraceEvent) -> list[str]:
-    label = "  " * event.depth + (event.name or "(model)") + (f"#{event.call}" if event.call > 1 else "")
+def _row(event: TraceEvent, repeated: set[str]) -> list[str]:
+    """A table row; a module that runs several times has each call numbered, as ``-l name#N`` takes it."""
+    number = f"#{event.call}" if event.name in repeated else ""
+    label = "  " * event.depth + (event.name or "(model)") + number
     summary = event.output
     inputs = ", ".join(_shape(item.shape) for item in event.inputs)
     values = (

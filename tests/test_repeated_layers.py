@@ -87,4 +87,6 @@ def test_a_call_the_module_never_makes_is_one_line(tmp_path, photo, nets):
 
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
-    assert line == "hookviz: error: layer 'act#3': the module ran 2 time(s) per forward pass; pick a call up to that"
+    assert (
+        line == "hookviz: error: layer 'act#3': the module runs 2 time(s) per forward pass; pick one of act#1 ... act#2"
+    )

@@ -165,3 +165,11 @@ def test_a_small_picture_is_enlarged_for_its_caption_and_says_so(tmp_path, nets)
     (output,) = json_lines(plain_run.stdout)[0]["outputs"]
     with Image.open(output["png"]) as picture:
         assert picture.size == (32, 24) and "scale" not in output
+
+
+def test_class_options_with_eigencam_are_answered_with_a_note(tmp_path, photo):
+    """Eigen-CAM ignores the class: --top-k 3 used to pass in silence."""
+    result = hookviz("gradcam", *TINY, photo, "-m", "eigencam", "--top-k", "3", "-l", "relu2", "-o", tmp_path / "out")
+
+    assert result.exit_code == 0, result.stderr
+    assert "hookviz: eigencam does not depend on the class" in result.stderr

@@ -141,6 +141,7 @@ def fmaps(
     from ..layers import conv_layer_names
     from ..render import colormap_lut
 
+    colormap_lut(cmap)  # an unknown colormap fails before the model loads
     loaded = load(model, model_args, run.quiet)
     names = list(layer_names) or conv_layer_names(loaded.module)
     if not names:
@@ -148,7 +149,6 @@ def fmaps(
     resolve_layers(loaded.module, names)
     if layer_names and not run.quiet:
         note_repeated_layers(loaded, names)
-    colormap_lut(cmap)  # an unknown colormap fails before any work
     with tensorboard_images(tensorboard_dir) as sink:
         job = FmapJob(
             loaded,
@@ -211,10 +211,13 @@ def gradcam(
     """
     from ..batch import default_batch_size
     from ..jobs import CamJob, CamOptions
+    from ..methods import CLASS_INDEPENDENT
     from ..render import colormap_lut
 
+    colormap_lut(cmap)  # an unknown colormap fails before the model loads
     loaded, classes, layer = explained(model, model_args, target, run.quiet)
-    colormap_lut(cmap)
+    if method in CLASS_INDEPENDENT and (classes or target.top_k > 1) and not run.quiet:
+        note(f"{method} does not depend on the class: one map per image, --class and --top-k do not change it")
     with tensorboard_images(tensorboard_dir) as sink:
         job = CamJob(
             loaded,
@@ -276,7 +279,8 @@ def guided(
     "layer_names",
     multiple=True,
     metavar="NAME",
-    help="Layer to measure (repeatable; default: every Conv2d and Linear).",
+    help="Layer to measure (repeatable, name#N for one call; default: every activation module, else every Conv2d "
+    "and Linear).",
 )
 @click.option(
     "--bins", type=click.IntRange(min=4, max=10_000), default=100, show_default=True, help="Histogram bins per layer."

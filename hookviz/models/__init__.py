@@ -171,7 +171,7 @@ def load_model(
             if len(values) not in (1, channels):
                 raise UsageError(
                     f"--{name} gives {len(values)} values but the model takes {channels}-channel input; "
-                    f"give 1 value or {channels}"
+                    + ("give 1 value" if channels == 1 else f"give 1 value or {channels}")
                 )
             per_channel = tuple(values) * (channels // len(values))
             if name == "mean":
