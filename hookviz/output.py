@@ -18,13 +18,17 @@ from .errors import UsageError
 
 PNG_COMPRESS_LEVEL = 1  # zlib level 1 encodes ~5x faster than the default for a few percent more bytes
 TEMPORARY_SUFFIX = ".tmp"  # files are written as .<name>.<random>.tmp, then renamed
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+# Letters and digits of any script stay (a folder named 猫 for 猫.png); separators, spaces and control characters go.
+_UNSAFE = re.compile(r"[^\w.+-]+")
 
 
 def safe_name(text: str, limit: int = 120) -> str:
-    """A file-name part made of safe characters only (no separators, no leading dots)."""
+    """A file-name part made of safe characters only (no separators, no leading dots), at most ``limit`` bytes
+    in UTF-8 (file systems count bytes: 120 CJK characters would be 360)."""
     cleaned = _UNSAFE.sub("_", text).lstrip(".") or "_"
-    return cleaned[:limit]
+    while len(cleaned.encode("utf-8")) > limit:
+        cleaned = cleaned[:-1]
+    return cleaned
 
 
 # Joins a name and its disambiguating hash. safe_name never produces it, so a plain name (even a crafted

@@ -213,3 +213,14 @@ def test_a_titled_grid_names_its_layer_above_and_shows_its_scale_on_the_right():
     np.testing.assert_array_equal(
         np.asarray(picture)[picture.height - grid.image.height :, : grid.image.width], np.asarray(grid.image)
     )
+
+
+def test_safe_names_keep_letters_of_every_script_within_a_byte_limit():
+    """猫.png used to write to `_~f4b200f6/`, café_cat.png to `caf__cat/`: letters and digits of any script stay."""
+    assert [safe_name(text) for text in ("猫", "café cat", "über rocket", "コーヒー")] == [
+        "猫",
+        "café_cat",
+        "über_rocket",
+        "コーヒー",
+    ]
+    assert len(safe_name("猫" * 100).encode("utf-8")) <= 120
