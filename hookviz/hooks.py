@@ -18,7 +18,7 @@ Three things other tools get wrong, handled here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -53,13 +53,19 @@ def split_call(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+def layer_call(name: str, module_names: Container[str]) -> tuple[str, int | None]:
+    """The module a layer name means and the call it picks: a module's own name as it is (a name may itself
+    hold "#"), else ``name#N`` read by ``split_call``."""
+    return (name, None) if name in module_names else split_call(name)
+
+
 def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
     """Map ``named_modules()`` names (with an optional ``#N`` call) to modules; unknown names fail up front
     with close matches."""
     modules = dict(model.named_modules())
     resolved: dict[str, nn.Module] = {}
     for name in names:
-        base = name if name in modules else split_call(name)[0]
+        base = layer_call(name, modules)[0]
         if base in modules and base != "":
             resolved[name] = modules[base]
             continue
@@ -128,11 +134,12 @@ def capture(
     gradient reaching it is the whole of the score's.
     """
     modules = resolve_layers(model, layers)
+    module_names = {name for name, _ in model.named_modules()}
     activations = Activations()
     leaf_calls = dict(leaf_calls or {})
 
     def make_hook(name: str) -> Callable[..., Any]:
-        picked = None if name in dict(model.named_modules()) else split_call(name)[1]
+        picked = layer_call(name, module_names)[1]
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             tensor = first_tensor(output)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 from . import tables
 from .forward import first_tensor, run_model
-from .hooks import hook_handles, preserved_state, resolve_layers, split_call
+from .hooks import hook_handles, layer_call, preserved_state, resolve_layers
 from .layers import is_activation_layer, is_conv_layer, is_linear_layer
 from .tables import json_float, short_number
 
@@ -277,7 +277,7 @@ class StatsCollector:
         self.bins = bins
         self.modules = resolve_layers(model, names)  # unknown names fail here, with suggestions
         plain = {name for name, _ in model.named_modules()}
-        self.picked = {name: None if name in plain else split_call(name)[1] for name in self.modules}
+        self.picked = {name: layer_call(name, plain)[1] for name in self.modules}
         # layer name -> call number -> statistics (a module that runs once has only call 1)
         self._by_call: dict[str, dict[int, LayerStats]] = {name: {} for name in self.modules}
         self._seen: list[tuple[torch.Tensor, LayerStats]] = []  # this update's outputs, to find the model's own

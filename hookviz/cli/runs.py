@@ -6,6 +6,7 @@ Library imports happen inside the functions, so ``hookviz --help`` never imports
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -42,32 +43,40 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
     classes = list(dict.fromkeys(loaded.class_index(value) for value in target.class_values))
     check_classes(loaded, classes, target.top_k, labels_given=model_args.labels is not None)
     layer = target.layer_name
+    calls = None
     if layer is None:
-        layer = traced(loaded).default_cam_layer()
+        trace = traced(loaded)
+        layer = trace.default_cam_layer()
         if layer is None:
             raise UsageError("the model has no layer with a spatial output to explain; name one with -l")
         if not quiet:
             note(f"layer: {layer} (default; choose another with -l)")
+        calls = {info.name: info.calls for info in trace.layers if info.name == layer}  # no second probe pass
     resolve_layers(loaded.module, [layer])
     if not quiet:
-        note_repeated_layers(loaded, [layer])
+        note_repeated_layers(loaded, [layer], calls)
     return loaded, classes, layer
 
 
-def note_repeated_layers(loaded: LoadedModel, layers: list[str]) -> None:
-    """A note for each layer whose module runs several times per forward pass: which call is used, how to pick."""
-    from ..hooks import split_call
+def note_repeated_layers(loaded: LoadedModel, layers: list[str], calls: Mapping[str, int] | None = None) -> None:
+    """A note for each layer whose module runs several times per forward pass: which call is used, how to pick.
+
+    ``calls``: how often each layer runs, when a trace already knows; else one forward pass counts them.
+    """
+    from ..hooks import layer_call
     from ..layers import layer_calls
 
-    plain = [layer for layer in layers if split_call(layer)[1] is None or layer in dict(loaded.module.named_modules())]
-    calls = layer_calls(
-        loaded.module,
-        plain,
-        loaded.preprocessing.input_size,
-        loaded.device,
-        batch=loaded.fixed_batch or 1,
-        channels=loaded.preprocessing.channels,
-    )
+    module_names = dict(loaded.module.named_modules())
+    plain = [layer for layer in layers if layer_call(layer, module_names)[1] is None]
+    if calls is None:
+        calls = layer_calls(
+            loaded.module,
+            plain,
+            loaded.preprocessing.input_size,
+            loaded.device,
+            batch=loaded.fixed_batch or 1,
+            channels=loaded.preprocessing.channels,
+        )
     for layer, count in calls.items():
         if count > 1:
             note(
