@@ -251,36 +251,28 @@ class CamJob:
             empty = result.empty is not None and bool(result.empty[index, k])
             method_at_layer = f"{options.method} @ {options.layer}" + (" (empty map)" if empty else "")
             name = f"{safe_name(options.method)}_{safe_name(options.layer)}"
-            if class_independent:  # the same map for every class: one picture, and no class in its caption
-                picture, scale = _captioned(picture, f"class-independent | {method_at_layer}", options)
-                output = _write_class_output(
-                    picture,
-                    options.out_dir / item.stem / f"{name}.png",
-                    item,
-                    options.method,
-                    options.layer,
-                    None,
-                    None,
-                    None,
-                    kind="cam",
-                    scale=scale,
-                )
-                output["class_independent"] = True
-            else:
-                picture, scale = _captioned(picture, f"{label} {probability:.1%} | {method_at_layer}", options)
+            # A class-independent map names no class: one picture, and no class in its caption.
+            named: tuple[int | None, str | None, float | None] = (None, None, None)
+            caption = f"class-independent | {method_at_layer}"
+            if not class_independent:
+                named, caption = (class_index, label, probability), f"{label} {probability:.1%} | {method_at_layer}"
                 name += f"_c{class_index}"
-                output = _write_class_output(
-                    picture,
-                    options.out_dir / item.stem / f"{name}.png",
-                    item,
-                    options.method,
-                    options.layer,
-                    class_index,
-                    label,
-                    probability,
-                    kind="cam",
-                    scale=scale,
-                )
+            picture, scale = _captioned(picture, caption, options)
+            shown_class, shown_label, shown_probability = named
+            output = _write_class_output(
+                picture,
+                options.out_dir / item.stem / f"{name}.png",
+                item,
+                options.method,
+                options.layer,
+                shown_class,
+                shown_label,
+                shown_probability,
+                kind="cam",
+                scale=scale,
+            )
+            if class_independent:
+                output["class_independent"] = True
             if empty:
                 output["empty"] = True
                 output["warning"] = _empty_map_warning(
