@@ -21,7 +21,7 @@ from .interrupts import uninterrupted
 from .locks import RunClaim, claimed
 from .manifest import Manifest, jsonable, options_key, versions
 from .models import LoadedModel
-from .output import TEMPORARY_SUFFIX, input_identity, output_stems, prepare_output_dir
+from .output import TEMPORARY_SUFFIX, input_identity, output_stems, prepare_output_dir, refuse_link
 from .pipeline import Job, Record, Timings, run_job
 
 
@@ -113,8 +113,7 @@ def plan_batch(paths: Sequence[Path], loaded: LoadedModel, job: Job, options: Ba
     inputs = shard_of(paths, *options.shard) if options.shard else list(paths)
     out_dir = prepare_output_dir(options.out_dir)
     manifest = Manifest(out_dir)
-    if manifest.path.is_symlink():
-        raise UsageError(f"{manifest.path} is a symbolic link; hookviz does not write through links inside -o")
+    refuse_link(manifest.path)
     key = options_key(job.command, loaded.spec, loaded.preprocessing, options.crop, job.settings())
     run = uuid.uuid4().hex[:12]
     patterns = tuple(job.output_patterns())
@@ -124,9 +123,10 @@ def plan_batch(paths: Sequence[Path], loaded: LoadedModel, job: Job, options: Ba
     claim.enter_context(claimed(out_dir, RunClaim(key, options.shard, patterns, run, job.command)))
     try:
         # Over all inputs, so every shard names outputs the same way; folders of earlier runs stay their inputs'.
-        stems = output_stems(paths, manifest.folder_owners())
-        identities = {path: input_identity(path) for path in inputs}
-        skipped = manifest.completed(key) if options.skip_existing else {}
+        recorded = list(manifest.input_entries())  # read once: the manifest of a long-lived folder is long
+        identities = {path: input_identity(path) for path in paths}
+        stems = output_stems(paths, manifest.folder_owners(recorded), identities)
+        skipped = manifest.completed(key, recorded) if options.skip_existing else {}
         to_run = [path for path in inputs if identities[path] not in skipped]
         _refuse_links(to_run, stems, out_dir)
         if not (options.skip_existing or options.overwrite):
@@ -250,12 +250,7 @@ def _remove_temporaries(paths: Sequence[Path], stems: dict[Path, str], out_dir: 
 def _refuse_links(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path) -> None:
     """Outputs never escape -o: an input folder that is a symbolic link is refused, not followed."""
     for path in paths:
-        folder = out_dir / stems[path]
-        if folder.is_symlink():
-            raise UsageError(
-                f"{folder} is a symbolic link; hookviz does not write through links inside -o "
-                "(remove it, or choose another -o)"
-            )
+        refuse_link(out_dir / stems[path])
 
 
 def _refuse_overwrite(paths: Sequence[Path], stems: dict[Path, str], out_dir: Path, patterns: list[str]) -> None:

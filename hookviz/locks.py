@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .output import refuse_link
 
 STATE_DIR = ".hookviz"  # hidden: folder runs and the gallery skip it
 
@@ -59,9 +60,8 @@ def claimed(out_dir: Path, claim: RunClaim) -> Iterator[None]:
     """Hold ``claim`` on ``out_dir`` for the block; a UsageError naming the other run if a live one conflicts."""
     state = out_dir / STATE_DIR
     try:
+        refuse_link(state)
         state.mkdir(exist_ok=True)
-        if state.is_symlink():
-            raise UsageError(f"{state} is a symbolic link; hookviz does not write through links inside -o")
         with _locked(state / "registry.lock", fcntl.LOCK_EX):
             for other in _live_claims(state, claim.file_name):
                 if claim.conflicts_with(other):

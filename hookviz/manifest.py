@@ -16,7 +16,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -84,11 +84,11 @@ class Manifest:
             problem = "a directory" if self.path.is_dir() else exc.strerror or str(exc)
             raise UsageError(f"cannot read {self.path} ({problem}); remove it or choose another -o") from None
 
-    def completed(self, key: str) -> dict[str, dict[str, Any]]:
+    def completed(self, key: str, entries: Iterable[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
         """Inputs (by identity, see output.input_identity) that a run with these options finished, whose output
-        files all still exist, in the folder the input owns."""
+        files all still exist, in the folder the input owns. ``entries``: ``input_entries()`` read already."""
         done: dict[str, dict[str, Any]] = {}
-        for entry in self.input_entries():
+        for entry in self.input_entries() if entries is None else entries:
             if entry["key"] != key:
                 continue
             if entry.get("status") in DONE and _outputs_exist(entry.get("outputs", [])):
@@ -97,10 +97,11 @@ class Manifest:
                 done.pop(entry["identity"], None)
         return done
 
-    def folder_owners(self) -> dict[str, str]:
-        """Output folder name -> identity of the input whose outputs it holds, from every run recorded."""
+    def folder_owners(self, entries: Iterable[dict[str, Any]] | None = None) -> dict[str, str]:
+        """Output folder name -> identity of the input whose outputs it holds, from every run recorded.
+        ``entries``: ``input_entries()`` read already."""
         owners: dict[str, str] = {}
-        for entry in self.input_entries():
+        for entry in self.input_entries() if entries is None else entries:
             if entry.get("status") in DONE and entry.get("folder"):
                 owners.setdefault(entry["folder"], entry["identity"])
         return owners

@@ -41,17 +41,20 @@ def input_identity(path: Path | str) -> str:
     return os.path.realpath(path)
 
 
-def output_stems(paths: Sequence[Path], owned: Mapping[str, str] | None = None) -> dict[Path, str]:
+def output_stems(
+    paths: Sequence[Path], owned: Mapping[str, str] | None = None, identities: Mapping[Path, str] | None = None
+) -> dict[Path, str]:
     """A folder name per input, stable across runs into one output directory and never shared by two inputs.
 
     ``owned`` maps folder names to the identity (``input_identity``) of the input that wrote
     them in earlier runs (``Manifest.folder_owners``). An input keeps a folder it owns; else it
     gets its file stem when no other input, in this run or an earlier one, has that stem; else
     ``stem~hash`` of its identity. Computed over the whole input list, so every shard of a run
-    names each input's folder the same way.
+    names each input's folder the same way. ``identities``: ``input_identity`` of every path, when known already.
     """
     owned = dict(owned or {})
-    identities = {path: input_identity(path) for path in paths}
+    if identities is None:
+        identities = {path: input_identity(path) for path in paths}
     stems = {path: safe_name(path.stem) for path in paths}
     sharing: dict[str, set[str]] = {}
     for path in paths:
@@ -97,6 +100,16 @@ def layer_file_names(layers: Sequence[str]) -> dict[str, str]:
         result[layer] = name if counts[name] == 1 else _disambiguated(name, layer, taken)
         taken.add(result[layer])
     return result
+
+
+def refuse_link(path: Path) -> None:
+    """Outputs never leave -o: a symbolic link inside it (a folder, the manifest, the run state) is refused,
+    never written through."""
+    if path.is_symlink():
+        raise UsageError(
+            f"{path} is a symbolic link; hookviz does not write through links inside -o "
+            "(remove it, or choose another -o)"
+        )
 
 
 def prepare_output_dir(directory: Path) -> Path:
