@@ -149,12 +149,16 @@ def capture(
             if picked is not None and call != picked:
                 return None
             activations.order.append(name)
-            if picked is not None:
+            # Once an earlier captured layer has started the graph, later ones stay in it (several layers
+            # explained by one backward pass); the first becomes its leaf.
+            if torch.is_grad_enabled():
+                becomes_leaf = False
+            elif picked is not None:
                 becomes_leaf = True
             elif name in leaf_calls:
                 becomes_leaf = call >= leaf_calls[name]
             else:
-                becomes_leaf = not torch.is_grad_enabled()
+                becomes_leaf = True
             if grad and becomes_leaf and tensor.is_floating_point():
                 # From here on autograd records: the captured tensor is a leaf, the rest of the network sees a copy.
                 tensor = tensor.detach().requires_grad_(True)
