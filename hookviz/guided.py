@@ -44,6 +44,21 @@ def is_relu_module(module: nn.Module) -> bool:
     return op is not None and op.startswith(_RELU_OPS)
 
 
+def relu_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules guided backprop rewrites; a UsageError naming the methods that work when there are none.
+
+    Without them (SiLU, GELU, functional activations) guided backprop would silently be the plain gradient.
+    """
+    relus = [module for module in model.modules() if is_relu_module(module)]
+    if not relus:
+        raise UsageError(
+            "guided backpropagation needs nn.ReLU/ReLU6 modules and this model has none (its activations would "
+            "not be guided); use 'hookviz saliency -m smoothgrad' (or gradient, inputxgradient, "
+            "integrated-gradients), which work with any activation, or 'hookviz gradcam'"
+        )
+    return relus
+
+
 def _guided_hook(module: nn.Module, inputs: Any, output: Any) -> Any:
     return _PositiveGradientsOnly.apply(output) if isinstance(output, torch.Tensor) else None
 
@@ -60,11 +75,7 @@ def guided_backprop(
 
     Returns (gradients (B, K, 3, H, W), classes (B, K), probabilities (B, num_classes)).
     """
-    relus = [module for module in model.modules() if is_relu_module(module)]
-    if not relus:
-        raise UsageError(
-            "guided backpropagation needs ReLU modules (nn.ReLU/ReLU6) and this model has none; use gradcam"
-        )
+    relus = relu_modules(model)
     with torch.inference_mode(False), preserved_state(model), torch.enable_grad(), hook_handles() as handles:
         handles.extend(module.register_forward_hook(_guided_hook) for module in relus)
         inputs = batch.detach().clone().requires_grad_(True)
