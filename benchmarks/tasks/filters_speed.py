@@ -1,0 +1,118 @@
+"""Activation maximization of 16 channels of a middle layer of the demo model (EfficientNet-Lite0 .pt2, 224 px).
+
+* hookviz: ``visualize_channels`` — the 16 pictures as one batch (objective summed), the forward pass stopped
+  at the target layer, gradients with respect to the pictures only.
+* classic: the per-channel loop of utkuozbulak/pytorch-cnn-visualizations (``cnn_layer_visualization.py``,
+  written here in its style): one picture at a time, a forward hook on the layer, a full forward pass,
+  ``loss = -mean(channel)``, ``loss.backward()``, Adam on the pixels (lr 0.1, weight decay 1e-6).
+
+Both run the same number of steps per channel on the same model; the target is hookviz at least 5x faster.
+The quick run takes 8 steps instead of 256 (the ratio is per step: both scale linearly with the steps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import REPO, SEED, interleaved, log
+
+from tasks import Context
+
+LAYER = "_blocks.6"  # the middle of EfficientNet-Lite0's 16 blocks: (N, 80, 14, 14)
+CHANNELS = list(range(16))
+STEPS, QUICK_STEPS = 256, 8
+TARGET = 5.0
+
+
+def _demo_model(ctx: Context) -> Path:
+    made = REPO / "out" / "efficientnet_lite0.pt2"
+    if made.is_file():
+        return made
+    from hookviz.demo import export_efficientnet_lite0
+
+    log("exporting the demo model (make demo does it once)")
+    return export_efficientnet_lite0(ctx.tmp / "efficientnet_lite0.pt2")
+
+
+def classic_loop(model: torch.nn.Module, layer: str, channels: list[int], steps: int) -> list[float]:
+    """The classic toolkit's loop: per channel, one 224 x 224 picture, a full forward pass per step."""
+    module = dict(model.named_modules())[layer]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    reached = []
+    for channel in channels:
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor, channel: int = channel) -> None:
+            captured["output"] = output[0, channel]
+
+        handle = module.register_forward_hook(hook)
+        try:
+            generator = torch.Generator().manual_seed(SEED + channel)
+            start = torch.rand(1, 3, 224, 224, generator=generator) * (30 / 255) + 150 / 255  # uniform(150, 180)
+            picture = ((start - mean) / std).requires_grad_(True)
+            optimizer = torch.optim.Adam([picture], lr=0.1, weight_decay=1e-6)
+            for _ in range(steps):
+                optimizer.zero_grad()
+                model(picture)
+                loss = -captured["output"].mean()
+                loss.backward()
+                optimizer.step()
+            reached.append(-float(loss.detach()))
+        finally:
+            handle.remove()
+    return reached
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    from hookviz.filters import Settings, visualize_channels
+    from hookviz.models import load_model
+
+    steps = QUICK_STEPS if ctx.quick else STEPS
+    path = _demo_model(ctx)
+    ours = load_model(str(path))
+    theirs = load_model(str(path))  # its own copy: the classic loop's backward() fills the parameters' .grad
+    log(f"filters: {len(CHANNELS)} channels of {LAYER} of EfficientNet-Lite0 at 224 px, {steps} steps each")
+
+    def hookviz_case() -> list[float]:
+        result = visualize_channels(
+            ours.module, LAYER, CHANNELS, preprocessing=ours.preprocessing, settings=Settings(steps=steps)
+        )
+        return result.activations
+
+    def classic_case() -> list[float]:
+        return classic_loop(theirs.module, LAYER, CHANNELS, steps)
+
+    series = interleaved(
+        {"hookviz (batched, stops at the layer)": hookviz_case, "classic (per channel, full forward)": classic_case},
+        ctx.heavy_reps,
+        warmup=0,
+        label="filters",
+    )
+    return {
+        "layer": LAYER,
+        "channels": len(CHANNELS),
+        "steps": steps,
+        "tools": {name: value.as_json() for name, value in series.items()},
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A small table: both loops' times, seconds per step and channel, and the ratio against the target."""
+    tools = result["tools"]
+    (ours_name, ours), (theirs_name, theirs) = list(tools.items())
+    ratio = theirs["median"] / ours["median"]
+    per = result["channels"] * result["steps"]
+    lines = [
+        f"### filters: {result['channels']} channels of {result['layer']} (EfficientNet-Lite0 .pt2), "
+        f"{result['steps']} steps each",
+        "",
+        "| run | median | per channel-step | speed-up | target |",
+        "|:---|---:|---:|---:|:---|",
+        f"| {theirs_name} | {theirs['median']:.1f} s | {theirs['median'] / per * 1000:.0f} ms | 1.00x | |",
+        f"| {ours_name} | {ours['median']:.1f} s | {ours['median'] / per * 1000:.0f} ms | {ratio:.2f}x | "
+        f"{'met' if ratio >= TARGET else 'missed'} (>= {TARGET:g}x) |",
+    ]
+    return "\n".join(lines) + "\n"
