@@ -271,15 +271,19 @@ class StatsCollector:
     ``name#2``, ...; ``name#N`` measures only its N-th call.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, bins: int = DEFAULT_BINS) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Sequence[str] | None = None, bins: int = DEFAULT_BINS, top: int = 0
+    ) -> None:
         names = list(layers) if layers is not None else stats_layer_names(model)
         self.model = model
         self.bins = bins
+        self.top = top  # > 0: also keep each channel's ``top`` most activating images (``top_activations()``)
         self.modules = resolve_layers(model, names)  # unknown names fail here, with suggestions
         plain = {name for name, _ in model.named_modules()}
         self.picked = {name: layer_call(name, plain)[1] for name in self.modules}
         # layer name -> call number -> statistics (a module that runs once has only call 1)
         self._by_call: dict[str, dict[int, LayerStats]] = {name: {} for name in self.modules}
+        self._top_by_call: dict[str, dict[int, TopActivations]] = {name: {} for name in self.modules}
         self._seen: list[tuple[torch.Tensor, LayerStats]] = []  # this update's outputs, to find the model's own
         self.images = 0
 
@@ -313,6 +317,9 @@ class StatsCollector:
                 stats = self._by_call[name].setdefault(calls[0], LayerStats(bins=self.bins, channel_dim=channel_dim))
                 stats.update(tensor if count is None else tensor[:count])
                 self._seen.append((tensor, stats))
+                if self.top:
+                    top = self._top_by_call[name].setdefault(calls[0], TopActivations(self.top, channel_dim))
+                    top.update(tensor if count is None else tensor[:count], first_image=self.images)
 
         return hook
 
@@ -334,6 +341,17 @@ class StatsCollector:
             else:
                 results.update((f"{name}#{call}", stats) for call, stats in sorted(by_call.items()))
         return results
+
+    def top_activations(self) -> dict[str, TopActivations]:
+        """Layer name (``name#N`` as in ``results()``) -> each channel's most activating images so far (with
+        ``top`` > 0); image numbers count the images given to ``update`` in order, from 0."""
+        found: dict[str, TopActivations] = {}
+        for name, by_call in self._top_by_call.items():
+            if len(by_call) == 1:
+                found[name] = next(iter(by_call.values()))
+            else:
+                found.update((f"{name}#{call}", top) for call, top in sorted(by_call.items()))
+        return found
 
 
 def collect_stats(
@@ -470,3 +488,287 @@ def _render(figure: Figure) -> Image.Image:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
+
+
+# --- what activates each channel most: stats --top N ------------------------------------------------
+
+TOP_TILE = 56  # px: one image's crop in a top-images grid
+TOP_ROWS = 64  # channels drawn per layer at most: the most active ones
+TOP_IMAGE_AREA = 640 * 640  # images are read back at about this size to cut the crops
+TOP_CACHE = 128  # images kept decoded while the grids are drawn
+TOP_WIDTH = 1200  # px: a grid of narrow rows puts them side by side up to about this width
+
+
+@dataclass
+class TopActivations:
+    """Each channel's ``count`` most activating images of one layer, kept as images stream by.
+
+    An image activates a channel by the channel's largest value anywhere in the image's output; ``positions``
+    says where (a flat index into the output's spatial ``grid``, (h, w) for a conv layer, () for a vector).
+    Memory: three numbers per channel and kept image, however many images pass. Equal values keep the
+    earlier image, and within an image the first position.
+    """
+
+    count: int
+    channel_dim: int = 1
+    values: torch.Tensor | None = field(default=None, repr=False)  # (C, k), largest first
+    images: torch.Tensor | None = field(default=None, repr=False)  # (C, k) image numbers, from 0
+    positions: torch.Tensor | None = field(default=None, repr=False)  # (C, k)
+    grid: tuple[int, ...] = ()
+
+    def update(self, output: torch.Tensor, first_image: int) -> None:
+        """Add a batch's output of the layer; its images are numbered ``first_image``, ``first_image + 1``, ..."""
+        values = output.detach()
+        if values.dim() < 2:
+            return
+        values = values.movedim(self.channel_dim, 1)
+        self.grid = tuple(values.shape[2:])
+        flat = values.flatten(2).float() if values.dim() > 2 else values.float()[:, :, None]
+        best, where = torch.nan_to_num(flat, nan=-math.inf).max(dim=2)  # (B, C)
+        channels, batch = best.shape[1], best.shape[0]
+        numbers = torch.arange(first_image, first_image + batch).expand(channels, batch)
+        merged = [best.T.cpu(), numbers, where.T.cpu()]
+        if self.values is not None and self.images is not None and self.positions is not None:
+            merged = [
+                torch.cat(pair, dim=1) for pair in zip((self.values, self.images, self.positions), merged, strict=True)
+            ]
+        # Stable: among equal values the kept (earlier) images stay first.
+        order = torch.sort(merged[0], dim=1, descending=True, stable=True).indices[:, : self.count]
+        self.values, self.images, self.positions = (part.gather(1, order) for part in merged)
+
+    @property
+    def channels(self) -> int:
+        return 0 if self.values is None else self.values.shape[0]
+
+
+def receptive_field(
+    model: nn.Module, layer: str, input_size: tuple[int, int], device: Any = "cpu", channels: int = 3
+) -> tuple[int, int] | None:
+    """(height, width) in model-input pixels of what one position of ``layer``'s output mostly looks at: its
+    effective receptive field, the smallest span around the position holding ``RECEPTIVE_MASS`` of the
+    gradient's magnitude (of the centre position's channels' sum, by the input, over a few random inputs) along
+    each axis, and never smaller than one output cell. (The theoretical field of a deep layer is the whole image;
+    the gradient falls off fast away from the centre.) None when the output has no spatial grid. The model's modes
+    and ``.grad`` are left as they were.
+    """
+    modules = resolve_layers(model, [layer])
+    picked = layer_call(layer, {name for name, _ in model.named_modules()})[1]
+    kept: list[torch.Tensor] = []
+    calls = [0]
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        calls[0] += 1
+        tensor = first_tensor(output)
+        if tensor is not None and calls[0] == (picked or 1):  # the call measured (a layer name#N: its N-th)
+            kept.append(tensor)
+            raise _Reached  # nothing after it is needed: the forward pass stops here
+
+    height, width = input_size
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(RECEPTIVE_PROBES, channels, height, width, generator=generator).to(device)
+    probe.requires_grad_(True)
+    with preserved_state(model), hook_handles() as handles, torch.enable_grad():
+        handles.append(modules[layer].register_forward_hook(hook))
+        try:
+            run_model(model, probe)
+        except _Reached:
+            pass
+    if not kept or kept[-1].dim() != 4 or not kept[-1].requires_grad:
+        return None
+    output = kept[-1]
+    rows, columns = output.shape[2], output.shape[3]
+    centre = output[:, :, rows // 2, columns // 2].sum()
+    (gradient,) = torch.autograd.grad(centre, probe)
+    magnitude = gradient.detach().abs().sum(dim=(0, 1)).double().cpu()  # (H, W)
+    if float(magnitude.sum()) == 0:
+        return None
+    span_y, span_x = _mass_span(magnitude.sum(dim=1)), _mass_span(magnitude.sum(dim=0))
+    return max(span_y, math.ceil(height / rows)), max(span_x, math.ceil(width / columns))
+
+
+RECEPTIVE_MASS = 0.9
+RECEPTIVE_PROBES = 2
+
+
+class _Reached(Exception):
+    """Raised by receptive_field's hook once it has the layer's output."""
+
+
+def _mass_span(mass: torch.Tensor) -> int:
+    """The length in pixels of the smallest span of ``mass`` (1-D, >= 0, one value per pixel) centred on its centre
+    of mass holding RECEPTIVE_MASS of it."""
+    total = float(mass.sum())
+    positions = torch.arange(mass.numel(), dtype=torch.float64) + 0.5
+    centre = float((positions * mass).sum()) / total
+    distance = (positions - centre).abs()
+    order = torch.argsort(distance, stable=True)
+    reached = torch.cumsum(mass[order], dim=0) >= RECEPTIVE_MASS * total
+    needed = int(torch.nonzero(reached).flatten()[0]) if bool(reached.any()) else mass.numel() - 1
+    included = order[: needed + 1]
+    return int(included.max() - included.min()) + 1
+
+
+class _Originals:
+    """Images read back (at about TOP_IMAGE_AREA pixels) with the part the model saw; the last TOP_CACHE kept."""
+
+    def __init__(self, preprocessing: Any, crop: bool):
+        self.preprocessing, self.crop = preprocessing, crop
+        self.kept: dict[Path, Any] = {}
+
+    def get(self, path: Path) -> Any:
+        from .errors import InputError
+        from .images import load_image, model_view
+
+        if path in self.kept:
+            self.kept[path] = self.kept.pop(path)  # the most recently used last
+            return self.kept[path]
+        try:
+            image = load_image(path, max_area=TOP_IMAGE_AREA)
+            found = (image, model_view(image.size, self.preprocessing, self.crop))
+        except InputError:  # changed or gone since the run: a blank tile
+            found = None
+        self.kept[path] = found
+        if len(self.kept) > TOP_CACHE:
+            self.kept.pop(next(iter(self.kept)))
+        return found
+
+
+def top_grid(
+    layer: str,
+    top: TopActivations,
+    paths: Sequence[Path],
+    preprocessing: Any,
+    *,
+    crop: bool = False,
+    field_size: tuple[int, int] | None = None,
+    originals: _Originals | None = None,
+) -> Image.Image:
+    """One row per channel (its index on the left), the channel's most activating images left to right, each the
+    crop of ``field_size`` (model-input pixels, centred on the maximum) or the whole image the model saw.
+
+    ``paths[n]`` is image number n of ``top``; ``preprocessing`` and ``crop`` as in the run. At most TOP_ROWS
+    channels: beyond, the ones with the largest activations, in index order.
+    """
+    from PIL import Image, ImageOps
+
+    from .render import draw_labels, titled
+
+    originals = originals or _Originals(preprocessing, crop)
+    if top.values is None or top.images is None or top.positions is None:
+        return titled(Image.new("RGB", (400, 40), (255, 255, 255)), f"{layer}: no images")
+    channels = top.values.shape[0]
+    rows = list(range(channels))
+    if channels > TOP_ROWS:
+        strongest = torch.topk(top.values[:, 0], TOP_ROWS).indices
+        rows = sorted(strongest.tolist())
+    height, width = preprocessing.input_size
+    label_width, gap, kept = 52, 2, top.values.shape[1]
+    row_width = label_width + kept * (TOP_TILE + gap) + 12
+    # Narrow rows go side by side in blocks (channels down each block, then on to the next): about TOP_WIDTH px wide.
+    blocks = max(1, min(math.ceil(len(rows) / 8), TOP_WIDTH // row_width))
+    per_block = math.ceil(len(rows) / blocks)
+    sheet = Image.new("RGB", (blocks * row_width, per_block * (TOP_TILE + gap)), (255, 255, 255))
+    places = [((n // per_block) * row_width, (n % per_block) * (TOP_TILE + gap)) for n in range(len(rows))]
+    draw_labels(sheet, [(x + 4, y + TOP_TILE // 2 - 8) for x, y in places], [f"c{c}" for c in rows], 13)
+    for (x, y), channel in zip(places, rows, strict=True):
+        for k in range(kept):
+            value = float(top.values[channel, k])
+            if not math.isfinite(value):
+                continue
+            found = originals.get(Path(paths[int(top.images[channel, k])]))
+            tile = Image.new("RGB", (TOP_TILE, TOP_TILE), (200, 200, 200))
+            if found is not None:
+                image, view = found
+                box = _crop_box(int(top.positions[channel, k]), top.grid, (height, width), field_size, view.box)
+                part = ImageOps.contain(image.crop(box), (TOP_TILE, TOP_TILE))  # small crops enlarged to fill it
+                tile.paste(part, ((TOP_TILE - part.width) // 2, (TOP_TILE - part.height) // 2))
+            sheet.paste(tile, (x + label_width + k * (TOP_TILE + gap), y))
+    shown = f"{len(rows)} of {channels} channels (the most active)" if len(rows) < channels else f"{channels} channels"
+    seen = (
+        f"crops of the effective receptive field ({field_size[0]}x{field_size[1]} of {height}x{width})"
+        if field_size
+        else "whole images"
+    )
+    return titled(sheet, f"{layer} | top {kept} images per channel | {shown} | {seen}")
+
+
+def _crop_box(
+    position: int,
+    grid: tuple[int, ...],
+    input_size: tuple[int, int],
+    field_size: tuple[int, int] | None,
+    view: tuple[float, float, float, float],
+) -> tuple[int, int, int, int]:
+    """The part of the original around output ``position``: ``field_size`` model-input pixels centred on it,
+    inside the part of the original the model saw (``view``), in the original's pixels."""
+    left, top, right, bottom = view
+    if field_size is None or len(grid) != 2:
+        return round(left), round(top), round(right), round(bottom)
+    height, width = input_size
+    y, x = divmod(position, grid[1])
+    centre_y, centre_x = (y + 0.5) * height / grid[0], (x + 0.5) * width / grid[1]
+    field_h, field_w = min(field_size[0], height), min(field_size[1], width)
+    y0 = min(max(0.0, centre_y - field_h / 2), height - field_h)
+    x0 = min(max(0.0, centre_x - field_w / 2), width - field_w)
+    scale_x, scale_y = (right - left) / width, (bottom - top) / height
+    return (
+        round(left + x0 * scale_x),
+        round(top + y0 * scale_y),
+        max(round(left + (x0 + field_w) * scale_x), round(left + x0 * scale_x) + 1),
+        max(round(top + (y0 + field_h) * scale_y), round(top + y0 * scale_y) + 1),
+    )
+
+
+def top_grids(
+    model: nn.Module,
+    tops: Mapping[str, TopActivations],
+    paths: Sequence[Path],
+    preprocessing: Any,
+    out_dir: Path,
+    *,
+    crop: bool = False,
+    device: Any = "cpu",
+) -> list[Path]:
+    """Write ``out_dir/top_<layer>.png`` (see ``top_grid``) and ``top_<layer>.json`` (see ``top_record``) for each
+    layer of ``tops``; the PNGs' paths."""
+    import json
+
+    from .output import atomic_write, layer_file_names, write_png
+
+    names = layer_file_names(list(tops))
+    originals = _Originals(preprocessing, crop)
+    written = []
+    for layer, top in tops.items():
+        field_size = receptive_field(model, layer, preprocessing.input_size, device, preprocessing.channels)
+        picture = top_grid(layer, top, paths, preprocessing, crop=crop, field_size=field_size, originals=originals)
+        metadata = {"hookviz:layer": layer, "hookviz:top": str(top.count)}
+        written.append(write_png(picture, Path(out_dir) / f"top_{names[layer]}.png", metadata))
+        with atomic_write(Path(out_dir) / f"top_{names[layer]}.json", "w", encoding="utf-8") as handle:
+            json.dump(top_record(layer, top, paths, preprocessing.input_size, field_size), handle, indent=1)
+    return written
+
+
+def top_record(
+    layer: str,
+    top: TopActivations,
+    paths: Sequence[Path],
+    input_size: tuple[int, int],
+    field_size: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """``top_<layer>.json``: per channel, its most activating inputs with the value, the position of the maximum
+    in the layer's output grid and the crop drawn, in model-input pixels (x0, y0, x1, y1)."""
+    height, width = input_size
+    channels = []
+    if top.values is not None and top.images is not None and top.positions is not None:
+        for channel in range(top.values.shape[0]):
+            images = []
+            for value, image, position in zip(
+                top.values[channel].tolist(), top.images[channel].tolist(), top.positions[channel].tolist(), strict=True
+            ):
+                if not math.isfinite(value):
+                    continue
+                where = list(divmod(position, top.grid[1])) if len(top.grid) == 2 else None
+                box = _crop_box(position, top.grid, input_size, field_size, (0.0, 0.0, float(width), float(height)))
+                images.append({"input": str(paths[image]), "value": value, "position": where, "box": list(box)})
+            channels.append({"channel": channel, "images": images})
+    return {"layer": layer, "top": top.count, "grid": list(top.grid), "field": field_size, "channels": channels}
