@@ -27,8 +27,15 @@ demo: $(DEMO_MODEL)
 	$(BIN)/hookviz fmaps $(DEMO_MODEL) $(SAMPLES) -o $(DEMO_OUT) -q --overwrite \
 		-l _conv_stem -l _blocks.3._expand_conv -l _blocks.8._expand_conv -l _conv_head > /dev/null
 	$(BIN)/hookviz gradcam $(DEMO_MODEL) $(SAMPLES) --labels imagenet --top-k 2 -o $(DEMO_OUT) -q --overwrite --html > /dev/null
+	$(BIN)/hookviz evaluate $(DEMO_MODEL) $(SAMPLES) --labels imagenet -m gradcam -m gradcam++ -m layercam -m eigencam \
+		-m random --steps 10 -o $(DEMO_OUT) -q --overwrite --html > /dev/null
+	$(BIN)/hookviz filters $(DEMO_MODEL) $(SAMPLES) -l _blocks.3 --steps 32 -o $(DEMO_OUT) -q --overwrite > /dev/null
+	$(BIN)/hookviz audit $(DEMO_MODEL) $(SAMPLES)/labels.csv --labels imagenet -o $(DEMO_OUT)/audit -q --overwrite --html > /dev/null
 	@echo "demo: feature-map grids in $(DEMO_OUT)/<image>/fmap_<layer>.png"
 	@echo "demo: Grad-CAM overlays (top-2 classes) in $(DEMO_OUT)/<image>/gradcam__swish_c<class>.png"
+	@echo "demo: which map to trust (5 methods ranked by faithfulness): $(DEMO_OUT)/evaluate.png"
+	@echo "demo: what 16 channels of _blocks.3 respond to: $(DEMO_OUT)/filters__blocks.3.png"
+	@echo "demo: an audit of the labelled sample photos: $(DEMO_OUT)/audit/ (audit.json, confusion.png, index.html)"
 	@echo "demo: all of it in a gallery: $(DEMO_OUT)/index.html"
 
 # The HTML gallery's browser test (tests/test_gallery.py) renders pages in Debian's chromium: install it when

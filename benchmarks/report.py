@@ -69,6 +69,32 @@ def failed(section: Any) -> str | None:
     return None
 
 
+# Tasks of the features added after the first rounds: name -> (module in tasks/, section title). Each module
+# renders its own table (markdown(result)) with its target met or missed.
+ROUND_TASKS = {
+    "smoothing": ("smoothing_speed", "Sharper maps: --aug-smooth and Ablation-CAM vs pytorch-grad-cam"),
+    "attribution": ("attribution_speed", "Integrated Gradients vs Captum"),
+    "metrics": ("metrics_speed", "Faithfulness metrics vs pytorch-grad-cam and torchcam"),
+    "filters": ("filters_speed", "Activation maximization vs the classic per-channel loop"),
+    "audit": ("audit_speed", "Audit and stats --top vs the runs they build on"),
+}
+
+
+def section_round(results: dict[str, Any]) -> list[str]:
+    import importlib
+
+    out: list[str] = []
+    for name, (module, title) in ROUND_TASKS.items():
+        section = results.get(name)
+        out += [f"## {title}", ""]
+        problem = failed(section)
+        if problem:
+            out += [problem, ""]
+            continue
+        out += [importlib.import_module(f"tasks.{module}").markdown(section), ""]
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     out: list[str] = ["# hookviz benchmarks", ""]
@@ -110,6 +136,7 @@ def render(results: dict[str, Any]) -> str:
     out += section_startup(results.get("startup"))
     out += section_rss(results.get("rss"))
     out += section_malloc(results.get("malloc"))
+    out += section_round(results)
     out += ["## Method notes", ""]
     out += [f"- {note}" for note in NOTES]
     out.append("")

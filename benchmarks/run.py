@@ -26,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_DIR, REPO, log, make_photos  # noqa: E402
+from report import ROUND_TASKS  # noqa: E402
 
-TASKS = ("gradcam", "scorecam", "fmaps", "e2e", "startup", "rss", "malloc")
+TASKS = ("gradcam", "scorecam", "fmaps", "e2e", "startup", "rss", "malloc", *ROUND_TASKS)
 
 
 def cpu_model() -> str:
@@ -136,6 +137,8 @@ def main() -> int:
     meta["machine"]["load average at start"] = load_average()
     results: dict = {"meta": meta}
 
+    import importlib
+
     from tasks import Context, cli_end_to_end, fmaps_png, gradcam_speed, malloc_env, scorecam_memory, startup
 
     tmp = Path(tempfile.mkdtemp(prefix="hookviz-bench-"))
@@ -161,6 +164,8 @@ def main() -> int:
             "startup": startup.run,
             "rss": cli_end_to_end.run_rss,
             "malloc": malloc_env.run,
+            # Each feature's own task module: tasks/<module>.py with run(ctx) and markdown(result).
+            **{name: importlib.import_module(f"tasks.{module}").run for name, (module, _) in ROUND_TASKS.items()},
         }
         for name in TASKS:
             if name not in chosen:

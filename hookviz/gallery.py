@@ -89,8 +89,8 @@ def write_gallery(
         title=escape(title),
         style=_STYLE,
         script=_SCRIPT,
-        summary=_summary(records, listed, title),
-        failures=_failures(records),
+        summary=_summary(records, listed, title) + _evaluation(out_dir),
+        failures=_failures(records) + _filters(records),
         cards="\n".join(cards) if cards else '<p class="empty">No inputs recorded yet.</p>',
     )
     path = out_dir / GALLERY_NAME
@@ -398,6 +398,37 @@ def _summary(records: list[Mapping[str, Any]], runs: list[Mapping[str, Any]], ti
     return f'<header class="top"><h1>{escape(title)}</h1><p class="counts">{count_html}</p>{_runs(runs)}</header>'
 
 
+def _evaluation(out_dir: Path) -> str:
+    """The ranking of ``hookviz evaluate`` (DIR/evaluate.json and evaluate.png) above the cards, when there is one."""
+    import json
+
+    try:
+        summary = json.loads((out_dir / "evaluate.json").read_text(encoding="utf-8"))
+        rows, names = summary["rows"], summary["scores"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    head = "".join(f'<th scope="col">{escape(str(name))}</th>' for name in ["rank", "method", "layer", *names])
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{escape(str(value))}</td>" for value in (row.get("rank"), row.get("method"), row.get("layer") or "")
+        )
+        + "".join(
+            f"<td>{escape(format(row['scores'][name]['mean'], '.3f'))}</td>"
+            if isinstance(row.get("scores", {}).get(name, {}).get("mean"), (int, float))
+            else "<td></td>"
+            for name in names
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return (
+        f'<section class="evaluation"><h2>Which map to trust: the ranking of hookviz evaluate</h2>'
+        f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        f'<a href="evaluate.png"><img src="evaluate.png" alt="ranking of methods" style="max-width:100%"></a></section>'
+    )
+
+
 _RUN_COLUMNS = "".join(
     f'<th scope="col">{name}</th>'
     for name in ("started", "command", "model", "method / layers", "inputs", "device", "hookviz")
@@ -509,7 +540,7 @@ def _card(number: int, record: Mapping[str, Any], shown: _CardPictures, pictures
     href = shown.original.href if shown.original else pictures.input(record)[0]
     name = Path(recorded).name or recorded
     parts = [
-        f'<article class="card {status_class}" id="input-{number}">',
+        f'<article class="card {status_class}" id="input-{number}"{_labelled_attributes(record, number)}>',
         f'<header><h2><a href="{escape(href)}" title="{escape(recorded)}">{escape(name)}</a></h2>'
         f'<span class="badge {status_class}">{escape(status)}</span></header>',
         f'<p class="path">{escape(recorded)}</p>',
@@ -519,6 +550,7 @@ def _card(number: int, record: Mapping[str, Any], shown: _CardPictures, pictures
     predictions = record.get("predictions")
     if isinstance(predictions, list) and predictions:
         parts.append(_predictions(predictions))
+    parts.append(_expected(record))
     figures = []
     if shown.original:  # a failed input is often not a picture at all: linked above, not shown as a broken image
         figures.append(_original(shown.original, recorded, pictures))
@@ -596,7 +628,7 @@ def _output(output: Mapping[str, Any], shown: _Shown, pictures: _Pictures) -> st
         raw = f' <a class="raw" href="{escape(raw_href)}" title="raw values (NumPy .npy)">.npy</a>'
     score_html = f" <b>{escape(_score(score))}</b>" if score is not None else ""
     return (
-        f'<figure><a href="{escape(shown.href)}" title="{escape(described)}">{_img(src, width, height, described)}</a>'
+        f'<figure{_pair(output)}><a href="{escape(shown.href)}" title="{escape(described)}">{_img(src, width, height, described)}</a>'
         f'<figcaption><span class="label">{escape(headline)}</span>{score_html}'
         f"<small>{escape(detail_text)}{raw}</small></figcaption></figure>"
     )
@@ -613,6 +645,153 @@ def _score(score: Any) -> str:
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         return "" if score is None else str(score)
     return f"{score:.1%}" if 0 <= score <= 1 else f"{score:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------- labelled runs
+# Records of a labelled run (gradcam --expected, audit) name the expected class: the page then gets filters
+# (mistakes only, by expected class, by predicted class) and a sort by confidence, kept in the address
+# (index.html?mistakes=1&expected=tabby&sort=confidence), so a view can be shared and reloaded.
+
+
+def _is_labelled(record: Mapping[str, Any]) -> bool:
+    return record.get("expected") is not None and record.get("status") != "error"
+
+
+def _top_prediction(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    predictions = record.get("predictions")
+    first = predictions[0] if isinstance(predictions, list) and predictions else None
+    return first if isinstance(first, Mapping) else {}
+
+
+def _labelled_attributes(record: Mapping[str, Any], number: int) -> str:
+    """``data-*`` attributes the filters read: correct, expected and predicted class names, the top-1 probability."""
+    if not _is_labelled(record):
+        return ""
+    top = _top_prediction(record)
+    score = top.get("score")
+    values = {
+        "correct": "1" if record.get("correct") else "0",
+        "expected": str(record.get("expected_label", record.get("expected"))),
+        "predicted": str(top.get("label", top.get("class", ""))),
+        "score": f"{score:.6f}" if isinstance(score, (int, float)) else "",
+        "order": str(number),
+    }
+    return "".join(f' data-{key}="{escape(value)}"' for key, value in values.items())
+
+
+def _expected(record: Mapping[str, Any]) -> str:
+    """A labelled input's line: right or wrong, the expected class, its probability and rank."""
+    if not _is_labelled(record):
+        return ""
+    label = str(record.get("expected_label", record.get("expected")))
+    rank = record.get("expected_rank")
+    said = f"{_score(record.get('expected_score'))}" + (f", rank {rank}" if isinstance(rank, int) and rank > 1 else "")
+    verdict, css = ("right", "right") if record.get("correct") else ("wrong", "wrong")
+    return (
+        f'<p class="expected {css}"><span class="verdict">{verdict}</span> expected '
+        f"<b>{escape(label)}</b> <small>{escape(said)}</small></p>"
+    )
+
+
+def _pair(output: Mapping[str, Any]) -> str:
+    """A predicted | expected picture is two pictures wide on the card."""
+    return ' class="pair"' if output.get("expected_class") is not None else ""
+
+
+def _filters(records: Sequence[Mapping[str, Any]]) -> str:
+    """The filter bar of a labelled run's page ("" for other runs)."""
+    labelled = [record for record in records if _is_labelled(record)]
+    if not labelled:
+        return ""
+    mistakes = sum(1 for record in labelled if not record.get("correct"))
+
+    def options(values: list[str]) -> str:
+        counted: dict[str, int] = {}
+        for value in values:
+            counted[value] = counted.get(value, 0) + 1
+        return "".join(
+            f'<option value="{escape(value)}">{escape(value)} ({count})</option>'
+            for value, count in sorted(counted.items())
+        )
+
+    expected = options([str(r.get("expected_label", r.get("expected"))) for r in labelled])
+    predicted = options([str(_top_prediction(r).get("label", _top_prediction(r).get("class", ""))) for r in labelled])
+    return (
+        f"<style>{_FILTER_STYLE}</style>"
+        '<section class="filters" aria-label="filters">'
+        f'<label><input type="checkbox" name="mistakes" value="1"> mistakes only ({mistakes} of {len(labelled)})</label>'
+        f'<label>expected <select name="expected"><option value="">any class</option>{expected}</select></label>'
+        f'<label>predicted <select name="predicted"><option value="">any class</option>{predicted}</select></label>'
+        '<label>sort <select name="sort"><option value="">as listed</option>'
+        '<option value="confidence">most confident first</option>'
+        '<option value="-confidence">least confident first</option></select></label>'
+        '<span class="shown"></span></section>'
+        f"<script>{_FILTER_SCRIPT}</script>"
+    )
+
+
+_FILTER_STYLE = """
+.filters { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; gap: 8px 18px; align-items: center;
+  background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 8px 14px; margin: 0 0 16px; }
+.filters select { max-width: 16em; }
+.filters .shown { color: var(--muted); margin-left: auto; }
+.expected { margin: 0 0 10px; font-size: 12px; }
+.expected .verdict { font-weight: 700; text-transform: uppercase; font-size: 11px; padding: 1px 6px; border-radius: 6px;
+  color: #fff; margin-right: 4px; }
+.expected.right .verdict { background: var(--ok); } .expected.wrong .verdict { background: var(--error); }
+.card.filtered { display: none; }
+.thumbs figure.pair { grid-column: span 2; }
+"""
+
+# Reads the controls (first from the address), hides the cards that do not match and orders the rest; the address
+# keeps the choice. <html data-cards-shown> holds the count shown (a headless browser test reads it).
+_FILTER_SCRIPT = """(function () {
+  function apply(form, grid, cards) {
+    var want = {}, query = new URLSearchParams();
+    form.querySelectorAll("input, select").forEach(function (control) {
+      var value = control.type === "checkbox" ? (control.checked ? "1" : "") : control.value;
+      want[control.name] = value;
+      if (value) query.set(control.name, value);
+    });
+    var shown = 0;
+    cards.forEach(function (card) {
+      var labelled = card.hasAttribute("data-expected");
+      var hide = (want.mistakes || want.expected || want.predicted) && !labelled ||
+        (want.mistakes && card.dataset.correct !== "0") ||
+        (want.expected && card.dataset.expected !== want.expected) ||
+        (want.predicted && card.dataset.predicted !== want.predicted);
+      card.classList.toggle("filtered", !!hide);
+      if (!hide) shown++;
+    });
+    var sorted = cards.slice();
+    if (want.sort) {
+      var sign = want.sort === "confidence" ? -1 : 1;
+      sorted.sort(function (a, b) {
+        var x = parseFloat(a.dataset.score), y = parseFloat(b.dataset.score);
+        if (isNaN(x) !== isNaN(y)) return isNaN(x) ? 1 : -1;
+        return (sign * (x - y)) || (a.dataset.order - b.dataset.order) || 0;
+      });
+    }
+    sorted.forEach(function (card) { grid.appendChild(card); });
+    form.querySelector(".shown").textContent = shown + " of " + cards.length + " shown";
+    document.documentElement.dataset.cardsShown = shown;
+    var text = query.toString();
+    try { history.replaceState(null, "", text ? "?" + text : location.pathname); } catch (error) {}
+  }
+  document.addEventListener("DOMContentLoaded", function () {
+    var form = document.querySelector(".filters"), grid = document.querySelector("main.grid");
+    if (!form || !grid) return;
+    var cards = Array.prototype.slice.call(grid.querySelectorAll(".card"));
+    var given = new URLSearchParams(location.search);
+    form.querySelectorAll("input, select").forEach(function (control) {
+      var value = given.get(control.name);
+      if (control.type === "checkbox") control.checked = value === "1";
+      else if (value !== null) control.value = value;
+      control.addEventListener("change", function () { apply(form, grid, cards); });
+    });
+    apply(form, grid, cards);
+  });
+})();"""
 
 
 # ---------------------------------------------------------------------------------------------- page

@@ -9,20 +9,23 @@ The methods themselves (fmaps, cams, guided, stats) know nothing of files.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .attribution import AttributionBatch, attribution_heat, compute_attributions, heat_scaled, method_settings
 from .cams import CamBatch, compute_cams, constant_maps
 from .errors import shown
 from .fmaps import channel_grid, selected_channels
 from .forward import run_model
 from .guided import GuidedBatch, compute_guided, gradient_image
 from .hooks import capture
+from .labels import Expected, ExpectedLabels
 from .methods import CLASS_INDEPENDENT, GRADIENT_METHODS
+from .metrics import Scorer, map_scores
 from .models import LoadedModel
 from .output import layer_file_names, safe_name, write_npy, write_png
 from .pipeline import PreparedImage, Record, model_batch
@@ -184,6 +187,36 @@ class CamOptions:
     score_batch_size: int = 32
     tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
     caption: bool = True  # False: the picture exactly at the original's size, nothing drawn on it
+    layers: Sequence[str] = ()  # several layers whose maps are fused (``layer`` then names them all, "a+b")
+    fuse: str = "mean"  # how several layers' maps combine: "mean" or "max"
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
+    metrics: Sequence[str] = ()  # gradcam --metric: each map's numbers in its record (hookviz.metrics.map_scores)
+    metric_steps: int = 20
+
+    @property
+    def explained_layers(self) -> list[str]:
+        return list(self.layers) or [self.layer]
+
+    @property
+    def file_stem(self) -> str:
+        """``<method>_<layer>`` of output names, with what changes the map: "gradcam-eigen-aug_layer3+layer4"."""
+        method = self.method + "-eigen" * self.eigen_smooth + "-aug" * self.aug_smooth
+        return f"{safe_name(method)}_{safe_name(self.layer)}"
+
+    @property
+    def layer_caption(self) -> str:
+        """The layer part of a caption: "layer4", or "layer3 + layer4 (mean)" for fused layers, with smoothing."""
+        text = self.layer if len(self.explained_layers) == 1 else f"{' + '.join(self.layers)} ({self.fuse})"
+        smoothing = [name for name, on in (("eigen", self.eigen_smooth), ("aug", self.aug_smooth)) if on]
+        return text + (f", {'+'.join(smoothing)}-smoothed" if smoothing else "")
+
+
+@dataclass
+class ScoredCamBatch(CamBatch):
+    """A CamBatch with ``gradcam --metric``'s numbers: ``scores[name][b, k]`` for the map of image b, class k."""
+
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class CamJob:
@@ -193,7 +226,7 @@ class CamJob:
 
     def __init__(self, loaded: LoadedModel, options: CamOptions):
         self.loaded, self.options = loaded, options
-        self.layer_calls: int | None = None  # learnt from the first batch: see compute_cams
+        self.layer_calls: dict[str, int] | None = None  # learnt from the first batch: see compute_cams
 
     def settings(self) -> dict[str, Any]:
         return _settings(
@@ -202,22 +235,38 @@ class CamJob:
             alpha=self.options.alpha,
             cmap=self.options.cmap,
             save_raw=self.options.save_raw,
+            **self._smoothing(),
+            **self._scored(),
         )
+
+    def _scored(self) -> dict[str, Any]:
+        """gradcam --metric's settings, only when used (earlier runs' settings stay equal)."""
+        options = self.options
+        return {"metrics": list(options.metrics), "metric_steps": options.metric_steps} if options.metrics else {}
+
+    def _smoothing(self) -> dict[str, Any]:
+        """Settings and record fields of fusion and smoothing, only when used (earlier runs' settings stay equal)."""
+        options = self.options
+        extra: dict[str, Any] = {}
+        if len(options.explained_layers) > 1:
+            extra.update(layers=list(options.layers), fuse=options.fuse)
+        if options.eigen_smooth:
+            extra["eigen_smooth"] = True
+        if options.aug_smooth:
+            extra["aug_smooth"] = True
+        return extra
 
     def output_patterns(self) -> list[str]:
         if self.options.method in CLASS_INDEPENDENT:
-            return [f"{safe_name(self.options.method)}_{safe_name(self.options.layer)}.png"]
-        return [
-            f"{safe_name(self.options.method)}_{safe_name(self.options.layer)}_c{c}.png"
-            for c in _class_patterns(self.options)
-        ]
+            return [f"{self.options.file_stem}.png"]
+        return [f"{self.options.file_stem}_c{c}.png" for c in _class_patterns(self.options)]
 
     def compute(self, batch: list[PreparedImage]) -> CamBatch:
         options = self.options
         result = compute_cams(
             self.loaded.module,
             model_batch(batch, self.loaded),
-            layer=options.layer,
+            layer=options.explained_layers,
             method=options.method,
             classes=options.classes,
             top_k=options.top_k,
@@ -225,16 +274,26 @@ class CamJob:
             score_batch_size=options.score_batch_size,
             layer_calls=self.layer_calls,
             fixed_batch=self.loaded.fixed_batch,
+            eigen_smooth=options.eigen_smooth,
+            aug_smooth=options.aug_smooth,
+            fuse=options.fuse,
         )
-        self.layer_calls = result.layer_calls
+        self.layer_calls = result.calls
         maps = result.maps.float().cpu()
-        return CamBatch(
+        scores: dict[str, torch.Tensor] = {}
+        if options.metrics:  # the same maps, scored in batched forward passes (hookviz.metrics)
+            scorer = Scorer(self.loaded.module, self.loaded.output_key, pad_to=self.loaded.fixed_batch)
+            inputs = model_batch(batch, self.loaded)
+            steps = options.metric_steps
+            scores = map_scores(scorer, inputs, result.maps, result.classes, options.metrics, steps=steps)
+        return ScoredCamBatch(
             maps=normalize_map(maps),
             classes=result.classes.cpu(),
             probabilities=result.probabilities.float().cpu(),
             layer=result.layer,
             method=result.method,
             empty=constant_maps(maps),
+            scores=scores,
         )
 
     def write(self, item: PreparedImage, index: int, result: CamBatch) -> Record:
@@ -249,8 +308,8 @@ class CamJob:
             label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
             picture = to_pil(overlay(item.pixels, heat, alpha=options.alpha, cmap=options.cmap, seen=seen))
             empty = result.empty is not None and bool(result.empty[index, k])
-            method_at_layer = f"{options.method} @ {options.layer}" + (" (empty map)" if empty else "")
-            name = f"{safe_name(options.method)}_{safe_name(options.layer)}"
+            method_at_layer = f"{options.method} @ {options.layer_caption}" + (" (empty map)" if empty else "")
+            name = options.file_stem
             # A class-independent map names no class: one picture, and no class in its caption.
             named: tuple[int | None, str | None, float | None] = (None, None, None)
             caption = f"class-independent | {method_at_layer}"
@@ -271,6 +330,9 @@ class CamJob:
                 kind="cam",
                 scale=scale,
             )
+            output |= self._smoothing()
+            if isinstance(result, ScoredCamBatch):
+                output |= {name: round(float(values[index, k]), 6) for name, values in result.scores.items()}
             if class_independent:
                 output["class_independent"] = True
             if empty:
@@ -291,6 +353,169 @@ class CamJob:
                 options.tensorboard.add(f"{options.method}/{options.layer}{rank}", picture, str(item.path))
             record.outputs.append(output)
         return record
+
+
+# --- CAMs of labelled inputs: the predicted and the expected class ---------------------------------------
+
+EXPLAINED_CLASSES = ("both", "predicted", "expected")  # -c with --expected
+
+
+@dataclass
+class LabelledCamBatch:
+    """A batch's top-1 maps, and the expected class's map where it is not the top-1 (``expected_maps``)."""
+
+    predicted: CamBatch  # the top-1 prediction's maps, normalized, on the CPU
+    expected: list[Expected]  # per image
+    expected_maps: CamBatch | None  # maps[b, 0] explains image b's expected class (the top-1 map where they agree)
+
+
+class LabelledCamJob(CamJob):
+    """CAM overlays of labelled inputs (``--expected``): each record gains the expected class, whether the top-1
+    prediction is it (``correct``), its probability and its rank among the model's classes.
+
+    ``explain``: ``predicted`` (the top-1 map), ``expected`` (the expected class's map), or ``both``: one map
+    when they agree, else both side by side in one picture captioned "predicted: X 71% / expected: Y 12%".
+    The top-1 maps cost what ``CamJob``'s cost; the expected class's maps are computed only for the images the
+    model gets wrong, in one pass per expected class of a batch.
+    """
+
+    def __init__(self, loaded: LoadedModel, options: CamOptions, expected: ExpectedLabels, explain: str = "both"):
+        if explain not in EXPLAINED_CLASSES:
+            raise ValueError(f"explain must be one of {EXPLAINED_CLASSES}, not {explain!r}")
+        super().__init__(loaded, replace(options, classes=None, top_k=1))
+        self.expected, self.explain = expected, explain
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "expected": self.expected.source, "explain": self.explain}
+
+    def compute(self, batch: list[PreparedImage]) -> LabelledCamBatch:  # type: ignore[override]
+        predicted = super().compute(batch)
+        expected = [self.expected.of(item.path) for item in batch]
+        if self.explain == "predicted" or self.options.method in CLASS_INDEPENDENT:
+            return LabelledCamBatch(predicted, expected, None)
+        top1 = predicted.classes[:, 0].tolist()
+        wrong: dict[int, list[int]] = {}  # expected class -> the images of the batch predicted otherwise
+        for b, (label, guess) in enumerate(zip(expected, top1, strict=True)):
+            if label.class_index is not None and label.class_index != guess:
+                wrong.setdefault(label.class_index, []).append(b)
+        maps, classes = predicted.maps.clone(), predicted.classes.clone()
+        empty = predicted.empty.clone() if predicted.empty is not None else None
+        for class_index, images in wrong.items():
+            explained = self._explained([batch[b] for b in images], class_index)
+            for row, b in enumerate(images):
+                maps[b], classes[b] = explained.maps[row], explained.classes[row]
+                if empty is not None and explained.empty is not None:
+                    empty[b] = explained.empty[row]
+        return LabelledCamBatch(predicted, expected, replace(predicted, maps=maps, classes=classes, empty=empty))
+
+    def _explained(self, items: list[PreparedImage], class_index: int) -> CamBatch:
+        """``items``' maps of ``class_index``, exactly as CamJob computes a ``--class`` run's."""
+        job = CamJob(self.loaded, replace(self.options, classes=[class_index], top_k=1))
+        job.layer_calls = self.layer_calls
+        return job.compute(items)
+
+    def write(self, item: PreparedImage, index: int, result: LabelledCamBatch) -> Record:  # type: ignore[override]
+        expected = result.expected[index]
+        if expected.class_index is None:
+            return Record(input=str(item.path), status="error", error=expected.error)
+        probabilities = result.predicted.probabilities[index]
+        predicted = int(result.predicted.classes[index, 0])
+        correct = predicted == expected.class_index
+        if result.expected_maps is None or correct or self.explain == "predicted":
+            record = super().write(item, index, result.predicted)
+        elif self.explain == "expected":
+            record = super().write(item, index, result.expected_maps)
+        else:
+            record = self._write_both(item, index, result.predicted, result.expected_maps)
+        if record.status == "ok":
+            record.extra |= expected_fields(self.loaded, probabilities, expected.class_index, predicted)
+        return record
+
+    def _write_both(self, item: PreparedImage, index: int, predicted: CamBatch, expected: CamBatch) -> Record:
+        """The predicted and the expected class's maps side by side (predicted left) in one captioned picture."""
+        options = self.options
+        probabilities = predicted.probabilities[index]
+        if not bool(torch.isfinite(probabilities).all() and torch.isfinite(expected.maps[index]).all()):
+            return _not_finite(item, "class scores")
+        record = _record(self.loaded, item, probabilities, options)
+        halves, raws, named = [], [], []
+        for batch in (predicted, expected):
+            class_index = int(batch.classes[index, 0])
+            heat, seen = heat_in_image(batch.maps[index, 0], item.view.box, item.size)
+            halves.append(to_pil(overlay(item.pixels, heat, alpha=options.alpha, cmap=options.cmap, seen=seen)))
+            raws.append(heat)
+            named.append((class_index, self.loaded.label(class_index), float(probabilities[class_index])))
+        (guess, guess_label, guess_p), (truth, truth_label, truth_p) = named
+        picture = side_by_side(halves)
+        empty = [b.empty is not None and bool(b.empty[index, 0]) for b in (predicted, expected)]
+        method_at_layer = f"{options.method} @ {options.layer}" + (" (empty map)" if any(empty) else "")
+        shown = [f"{p:.0%}" if p >= 0.01 else f"{p:.1%}" for p in (guess_p, truth_p)]  # 0.4% is not "0%"
+        caption = f"predicted: {guess_label} {shown[0]} / expected: {truth_label} {shown[1]} | {method_at_layer}"
+        picture, scale = _captioned(picture, caption, options)
+        name = f"{safe_name(options.method)}_{safe_name(options.layer)}_c{guess}_expected_c{truth}"
+        path = options.out_dir / item.stem / f"{name}.png"
+        metadata = {
+            "hookviz:method": options.method,
+            "hookviz:layer": options.layer,
+            "hookviz:scale": str(scale),
+            "hookviz:class": str(guess),
+            "hookviz:label": guess_label,
+            "hookviz:probability": f"{guess_p:.6f}",
+            "hookviz:expected-class": str(truth),
+            "hookviz:expected-label": truth_label,
+            "hookviz:expected-probability": f"{truth_p:.6f}",
+            "hookviz:layout": "predicted | expected",
+            "hookviz:input": str(item.path),
+        }
+        output: dict[str, Any] = {
+            "kind": "cam",
+            "method": options.method,
+            "layer": options.layer,
+            "class": guess,
+            "label": guess_label,
+            "score": round(guess_p, 6),
+            "expected_class": truth,
+            "expected_label": truth_label,
+            "expected_score": round(truth_p, 6),
+            "layout": "predicted|expected",
+            "png": str(write_png(picture, path, metadata)),
+        }
+        if scale != 1:
+            output["scale"] = scale
+        if any(empty):
+            output["empty"] = True
+        if options.save_raw:
+            output["raw"] = str(write_npy(torch.stack(raws), path.with_suffix(".npy")))  # (2, H, W)
+        if options.tensorboard is not None:
+            options.tensorboard.add(f"{options.method}/{options.layer}/predicted-expected", picture, str(item.path))
+        record.outputs.append(output)
+        return record
+
+
+def expected_fields(loaded: LoadedModel, probabilities: torch.Tensor, expected: int, predicted: int) -> dict[str, Any]:
+    """What a labelled input's record adds: the expected class, whether the top-1 prediction (``predicted``) is it,
+    its probability and its rank among the classes (1 = the most probable; a tie counts in its favour)."""
+    probability = probabilities[expected]
+    return {
+        "expected": expected,
+        "expected_label": loaded.label(expected),
+        "correct": predicted == expected,
+        "expected_score": round(float(probability), 6),
+        "expected_rank": 1 + int((probabilities > probability).sum()),
+    }
+
+
+SIDE_BY_SIDE_GAP = 0.02  # of the width of one picture: a thin white line between the two maps
+
+
+def side_by_side(pictures: Sequence[Image.Image]) -> Image.Image:
+    """Pictures of one size in a row, separated by a thin white line."""
+    width, height = pictures[0].size
+    gap = max(2, round(width * SIDE_BY_SIDE_GAP))
+    row = Image.new("RGB", (len(pictures) * width + (len(pictures) - 1) * gap, height), (255, 255, 255))
+    for i, picture in enumerate(pictures):
+        row.paste(picture, (i * (width + gap), 0))
+    return row
 
 
 class GuidedJob:
@@ -488,6 +713,7 @@ class StatsJob:
 
     def __init__(self, loaded: LoadedModel, collector: StatsCollector):
         self.loaded, self.collector = loaded, collector
+        self.paths: list[Path] = []  # the images measured, in order: image n of collector.top_activations()
 
     def settings(self) -> dict[str, Any]:
         return {"layers": list(self.collector.stats), "bins": self.collector.bins}
@@ -498,6 +724,207 @@ class StatsJob:
     def compute(self, batch: list[PreparedImage]) -> None:
         # A fixed-batch .pt2 gets a padded batch; only the real images count.
         self.collector.update(model_batch(batch, self.loaded), count=len(batch))
+        self.paths.extend(item.path for item in batch)
 
     def write(self, item: PreparedImage, index: int, result: None) -> Record:
         return Record(input=str(item.path))
+
+
+# --- pixel attribution (saliency) --------------------------------------------------------------------
+
+
+@dataclass
+class SaliencyOptions:
+    """What ``SaliencyJob`` explains (see attribution.compute_attributions) and how it draws it."""
+
+    out_dir: Path
+    method: str = "smoothgrad"
+    classes: Sequence[int] | None = None
+    top_k: int = 1
+    samples: int = 25
+    noise: float = 0.15
+    steps: int = 32
+    baseline: str = "black"
+    rule: str = "gausslegendre"
+    seed: int = 0
+    layer: str | None = None  # multiply by this layer's Grad-CAM map (guided Grad-CAM style)
+    alpha: float = 0.8  # the heat's opacity where the heat is strongest
+    cmap: str = "inferno"
+    save_raw: bool = False
+    batch_size: int = 8  # model inputs per forward pass, noisy samples and path points included
+    predictions: int = 5
+    caption: bool = True
+
+
+class SaliencyJob:
+    """Pixel attributions per (image, class), at the original's resolution: a heat overlay and the signed picture.
+
+    Files: DIR/<stem>/<name>-heat_c<class>.png (|attribution| summed over channels, over the photo) and
+    <name>_c<class>.png (the signed attribution, grey = 0), where <name> is the method, or
+    <method>-gradcam_<layer> with a layer.
+    """
+
+    command = "saliency"
+
+    def __init__(self, loaded: LoadedModel, options: SaliencyOptions):
+        self.loaded, self.options = loaded, options
+        self.layer_calls: int | None = None  # learnt from the first batch: see cams.compute_cams
+
+    def _method_settings(self) -> dict[str, Any]:
+        options = self.options
+        return method_settings(
+            options.method,
+            samples=options.samples,
+            noise=options.noise,
+            steps=options.steps,
+            baseline=options.baseline,
+            rule=options.rule,
+            seed=options.seed,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        options = self.options
+        classes = list(options.classes) if options.classes else None
+        return {
+            "method": options.method,
+            "layer": options.layer,
+            "classes": classes,
+            "top_k": None if classes else options.top_k,
+            **self._method_settings(),
+            "alpha": options.alpha,
+            "cmap": options.cmap,
+            "save_raw": options.save_raw,
+            **({} if options.caption else {"caption": False}),
+        }
+
+    def _name(self) -> tuple[str, str]:
+        """(method as named in files and records, the file name stem before the class)."""
+        options = self.options
+        if options.layer is None:
+            return options.method, safe_name(options.method)
+        method = f"{options.method}-gradcam"
+        return method, f"{safe_name(method)}_{safe_name(options.layer)}"
+
+    def output_patterns(self) -> list[str]:
+        _, name = self._name()
+        heat = name.replace("_", "-heat_", 1) if "_" in name else f"{name}-heat"
+        return [
+            pattern
+            for c in ([str(c) for c in self.options.classes] if self.options.classes else ["*"])
+            for pattern in (f"{heat}_c{c}.png", f"{name}_c{c}.png")
+        ]
+
+    def compute(self, batch: list[PreparedImage]) -> AttributionBatch:
+        options, loaded = self.options, self.loaded
+        result = compute_attributions(
+            loaded.module,
+            model_batch(batch, loaded)[: len(batch)],  # each chunk of model inputs is padded for a fixed batch
+            method=options.method,
+            classes=options.classes,
+            top_k=options.top_k,
+            samples=options.samples,
+            noise=options.noise,
+            steps=options.steps,
+            baseline=options.baseline,
+            rule=options.rule,
+            mean=loaded.preprocessing.mean,
+            std=loaded.preprocessing.std,
+            seed=options.seed,
+            layer=options.layer,
+            output_key=loaded.output_key,
+            batch_size=options.batch_size,
+            fixed_batch=loaded.fixed_batch,
+            layer_calls=self.layer_calls,
+        )
+        self.layer_calls = result.layer_calls
+        return replace(
+            result,
+            attributions=result.attributions.float().cpu(),
+            classes=result.classes.cpu(),
+            probabilities=result.probabilities.float().cpu(),
+            cams=None,
+        )
+
+    def write(self, item: PreparedImage, index: int, result: AttributionBatch) -> Record:
+        options = self.options
+        attributions = result.attributions[index]
+        if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(attributions).all()):
+            return _not_finite(item, "class scores or gradients")
+        extra: dict[str, Any] = {
+            "predictions": _predictions(self.loaded, result.probabilities[index], options.predictions)
+        }
+        if item.original_size is not None:
+            extra["downscaled_from"] = list(item.original_size)
+        record = Record(input=str(item.path), extra=extra)
+        method, name = self._name()
+        heat_name = name.replace("_", "-heat_", 1) if "_" in name else f"{name}-heat"
+        described = _described(method, options.layer, self._method_settings())
+        folder = options.out_dir / item.stem
+        for k, class_index in enumerate(result.classes[index].tolist()):
+            label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
+            heat = attribution_heat(attributions[k])  # (h, w) at the model input's resolution
+            placed, seen = heat_in_image(heat, item.view.box, item.size)
+            shown_heat = heat_in_image(heat_scaled(heat), item.view.box, item.size)[0].clamp(0, 1)
+            pictures = (
+                ("heat", heat_name, to_pil(_heat_overlay(item.pixels, shown_heat, seen, options))),
+                ("signed", name, _gradient_picture(attributions[k], item)),
+            )
+            for picture_kind, stem, picture in pictures:
+                picture, scale = (
+                    captioned(picture, f"{label} {probability:.1%} | {described} | {picture_kind}")
+                    if options.caption
+                    else (picture, 1)
+                )
+                metadata = {"hookviz:method": method, "hookviz:picture": picture_kind, "hookviz:scale": str(scale)}
+                if options.layer is not None:
+                    metadata["hookviz:layer"] = options.layer
+                metadata |= {
+                    "hookviz:class": str(class_index),
+                    "hookviz:label": label,
+                    "hookviz:probability": f"{probability:.6f}",
+                    "hookviz:input": str(item.path),
+                }
+                output: dict[str, Any] = {
+                    "kind": "saliency",
+                    "method": method,
+                    "picture": picture_kind,
+                    "layer": options.layer,
+                    "class": class_index,
+                    "label": label,
+                    "score": round(probability, 6),
+                    **self._method_settings(),
+                    "png": str(write_png(picture, folder / f"{stem}_c{class_index}.png", metadata)),
+                }
+                if scale != 1:
+                    output["scale"] = scale
+                if picture_kind == "heat" and options.save_raw:
+                    output["raw"] = str(write_npy(placed, folder / f"{stem}_c{class_index}.npy"))
+                record.outputs.append(output)
+        return record
+
+
+def _described(method: str, layer: str | None, settings: dict[str, Any]) -> str:
+    """The method and what it was run with, for a caption: ``smoothgrad (25 samples, noise 0.15)``."""
+    parts = []
+    if "samples" in settings:
+        parts = [f"{settings['samples']} samples", f"noise {settings['noise']:g}"]
+    elif "steps" in settings:
+        parts = [f"{settings['steps']} steps", f"{settings['baseline']} baseline"]
+    text = method + (f" ({', '.join(parts)})" if parts else "")
+    return text + (f" @ {layer}" if layer is not None else "")
+
+
+def _heat_overlay(
+    pixels: torch.Tensor, heat: torch.Tensor, seen: torch.Tensor, options: SaliencyOptions
+) -> torch.Tensor:
+    """A sparse heat (H, W) in [0, 1] over the photo (3, H, W): each pixel's opacity is ``alpha`` times its heat, so
+    the photo shows as it is where there is none (a constant opacity tinted the whole photo with the colormap's
+    low end); what the model did not see is dimmed."""
+    from .render import apply_colormap
+
+    colours = apply_colormap(heat, options.cmap).float()
+    weight = options.alpha * heat[None]
+    blended = pixels.float() * (1 - weight) + colours * weight
+    if not bool(seen.all()):
+        blended = torch.where(seen, blended, pixels.float() * 0.35)
+    return blended.round().clamp(0, 255).to(torch.uint8)

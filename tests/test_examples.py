@@ -43,6 +43,12 @@ if len(args) > 1 and args[1] in ("resnet50", "resnet18", "vit_b_16"):
     if "--labels" not in args and args[0] != "layers":
         args += ["--labels", "imagenet"]  # random weights carry no class names; the examples use them
 args = [arg.replace("/data/", "data/") for arg in args]
+# Optimization and sampling loops at a few iterations: the examples check the command lines, the tests the results.
+FEW = {{"filters": ("--steps", "4"), "dream": ("--steps", "2"), "saliency": ("--samples", "4"), "evaluate": ("--steps", "5")}}
+if args and args[0] in FEW and FEW[args[0]][0] not in args and "--help" not in args:
+    args += list(FEW[args[0]])
+    if args[0] == "saliency" and "--steps" not in args:
+        args += ["--steps", "4"]
 os.execv({real!r}, [{real!r}, *args])
 """
 
@@ -86,6 +92,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_noise_image(folder / "photos" / f"p{i}.jpg", 80, 60, seed=10 + i)
     (folder / "data").mkdir()
     shutil.copytree(folder / "photos", folder / "data" / "photos")
+    for index, class_folder in enumerate(("281", "281", "285")):  # a labelled folder: labelled/<class>/*.jpg
+        write_noise_image(folder / "labelled" / class_folder / f"l{index}.jpg", 80, 60, seed=20 + index)
     import torchvision
 
     with torch.random.fork_rng(devices=[]):
@@ -127,7 +135,7 @@ def test_an_example_runs_as_written(tmp_path, inputs, wrapper_bin, where, line):
     work.mkdir()
     for name in ("cat.jpg", "photo.jpg", "img.png", "model.pt2"):
         (work / name).symlink_to(inputs / name)
-    for name in ("photos", "data"):  # copies: `find` does not enter a linked folder
+    for name in ("photos", "data", "labelled"):  # copies: `find` does not enter a linked folder
         shutil.copytree(inputs / name, work / name)
     (work / "sample_images").symlink_to(ROOT / "sample_images")
     (work / "out").mkdir()

@@ -16,6 +16,9 @@ from pathlib import Path
 import click
 
 from ..manifest import json_line
+from .audit import audit, expected_target, labelled_job
+from .evaluate import evaluate, gradcam_metrics
+from .filters import dream, filters
 from .options import (
     ModelArgs,
     RunArgs,
@@ -23,6 +26,7 @@ from .options import (
     TargetArgs,
     caption_option,
     crop_option,
+    expected_option,
     method_option,
     model_options,
     quiet_option,
@@ -32,7 +36,8 @@ from .options import (
     tensorboard_option,
 )
 from .report import HookvizGroup, note, report_records, reports_errors, say
-from .runs import explained, load, note_repeated_layers, run_batch, tensorboard_images, traced
+from .runs import explained, explained_layers, load, note_repeated_layers, run_batch, tensorboard_images, traced
+from .saliency import saliency
 
 
 @click.group(cls=HookvizGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,11 +178,36 @@ def fmaps(
 @click.argument("model")
 @click.argument("images", nargs=-1, required=True)
 @target_options
+@expected_option
 @method_option
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Heatmap opacity.")
 @click.option("--cmap", default="jet", show_default=True, help="A matplotlib colormap name.")
 @click.option(
     "--save-raw", is_flag=True, help="Also write the heatmap as float32 .npy (H, W) of the original image, in [0, 1]."
+)
+@click.option(
+    "--fuse",
+    type=click.Choice(["mean", "max"]),
+    default="mean",
+    show_default=True,
+    help="With several -l: how the layers' maps (each scaled to [0, 1], at the finest layer's size) combine.",
+)
+@click.option(
+    "--eigen-smooth",
+    is_flag=True,
+    help="Gradient methods: the first principal component of the weighted activations instead of their sum.",
+)
+@click.option(
+    "--aug-smooth",
+    is_flag=True,
+    help="Average the maps of 6 copies of each image (flipped or not, x0.9/1/1.1 intensity), run together.",
+)
+@click.option(
+    "--metric",
+    "metric_names",
+    multiple=True,
+    metavar="NAME",
+    help="Also score each map (repeatable): deletion, insertion, drop, increase, road (see 'hookviz evaluate').",
 )
 @caption_option
 @tensorboard_option
@@ -188,10 +218,15 @@ def gradcam(
     model: str,
     images: tuple[str, ...],
     target: TargetArgs,
+    expected: str | None,
     method: str,
     alpha: float,
     cmap: str,
     save_raw: bool,
+    fuse: str,
+    eigen_smooth: bool,
+    aug_smooth: bool,
+    metric_names: tuple[str, ...],
     no_caption: bool,
     tensorboard_dir: Path | None,
     model_args: ModelArgs,
@@ -200,22 +235,30 @@ def gradcam(
     """Write CAM heatmap overlays: DIR/<image-stem>/<method>_<layer>_c<class>.png.
 
     Overlays have the original image's size (with --no-caption exactly; a captioned image under 256 px is
-    enlarged by a whole factor); with --crop, what the model did not see is dimmed.
+    enlarged by a whole factor); with --crop, what the model did not see is dimmed. Several -l fuse their
+    layers' maps into one (<method>_<layer>+<layer>_c<class>.png); smoothing adds -eigen/-aug to <method>.
 
     \b
     Examples:
       hookviz gradcam resnet50 cat.jpg                       # top-1 class, Grad-CAM
       hookviz gradcam resnet50 cat.jpg --class "tabby" -m gradcam++
+      hookviz gradcam resnet50 cat.jpg -l layer3 -l layer4 --fuse max --aug-smooth
       hookviz gradcam model.pt2 photos/ --top-k 3 --json | jq .predictions
       find photos -name '*.jpg' | hookviz gradcam resnet50 - --skip-existing -o maps
+      find photos -name '*.jpg' -printf '{"input": "%p", "label": 281}\\n' > labels.jsonl && hookviz gradcam model.pt2 photos/ --expected labels.jsonl
     """
     from ..batch import default_batch_size
+    from ..cams import check_cam_options
     from ..jobs import CamJob, CamOptions
     from ..methods import CLASS_INDEPENDENT
     from ..render import colormap_lut
 
     colormap_lut(cmap)  # an unknown colormap fails before the model loads
-    loaded, classes, layer = explained(model, model_args, target, run.quiet)
+    layers = list(target.layer_names) or ["default"]  # the default layer is found after loading
+    check_cam_options(method, layers, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, fuse=fuse)
+    metrics = gradcam_metrics(metric_names)
+    target, explain = expected_target(target, expected)  # with --expected, -c is expected|predicted|both
+    loaded, classes, layers = explained_layers(model, model_args, target, run.quiet)
     if method in CLASS_INDEPENDENT and (classes or target.top_k > 1) and not run.quiet:
         note(f"{method} does not depend on the class: one map per image, --class and --top-k do not change it")
     with tensorboard_images(tensorboard_dir) as sink:
@@ -223,7 +266,11 @@ def gradcam(
             loaded,
             CamOptions(
                 out_dir=run.out_dir,
-                layer=layer,
+                layer="+".join(layers),
+                layers=layers if len(layers) > 1 else (),
+                fuse=fuse,
+                eigen_smooth=eigen_smooth,
+                aug_smooth=aug_smooth,
                 method=method,
                 classes=classes,
                 top_k=target.top_k,
@@ -233,8 +280,11 @@ def gradcam(
                 score_batch_size=run.batch_size or default_batch_size(loaded.device),
                 tensorboard=sink,
                 caption=not no_caption,
+                metrics=metrics,
             ),
         )
+        if expected is not None:
+            job = labelled_job(job, expected, images, explain)
         code = run_batch(loaded, job, images, run)
     sys.exit(code)
 
@@ -260,9 +310,11 @@ def guided(
       hookviz guided resnet50 cat.jpg
       hookviz guided resnet50 cat.jpg --class "tabby" -l layer3
     """
+    from ..guided import relu_modules
     from ..jobs import CamOptions, GuidedJob
 
     loaded, classes, layer = explained(model, model_args, target, run.quiet)
+    relu_modules(loaded.module)  # a model without ReLUs fails before any image is read
     job = GuidedJob(
         loaded,
         CamOptions(out_dir=run.out_dir, layer=layer, classes=classes, top_k=target.top_k, caption=not no_caption),
@@ -285,6 +337,13 @@ def guided(
 @click.option(
     "--bins", type=click.IntRange(min=4, max=10_000), default=100, show_default=True, help="Histogram bins per layer."
 )
+@click.option(
+    "--top",
+    type=click.IntRange(min=1, max=100),
+    metavar="N",
+    help="Also write DIR/top_<layer>.png: per channel, the N images that activate it most (crops of the receptive "
+    "field around the maximum).",
+)
 @stats_options
 @tensorboard_option
 @model_options
@@ -294,6 +353,7 @@ def stats(
     images: tuple[str, ...],
     layer_names: tuple[str, ...],
     bins: int,
+    top: int | None,
     run: StatsArgs,
     tensorboard_dir: Path | None,
     model_args: ModelArgs,
@@ -308,6 +368,7 @@ def stats(
     Examples:
       hookviz stats resnet50 photos/                    # table + out/stats.png
       hookviz stats model.pt2 photos/ -l layer4 --json | jq '{layer, dead_channels}'
+      hookviz stats resnet50 photos/ -l layer2.0.relu --top 9  # what each channel responds to
     """
     from contextlib import nullcontext
 
@@ -320,12 +381,15 @@ def stats(
     from ..stats import StatsCollector, format_table, histogram_figure
 
     loaded = load(model, model_args, run.quiet)
-    collector = StatsCollector(loaded.module, list(layer_names) or None, bins=bins)
+    collector = StatsCollector(loaded.module, list(layer_names) or None, bins=bins, top=top or 0)
     if not collector.stats:
         raise UsageError("the model has no Conv2d or Linear layers; name layers with -l (see 'hookviz layers MODEL')")
     figure_path = prepare_output_dir(run.out_dir) / "stats.png"
     if figure_path.exists() and not run.overwrite:
         raise UsageError(f"{figure_path} already exists; pass --overwrite to replace it, or choose another -o")
+    tops_there = sorted(figure_path.parent.glob("top_*.png")) if top else []
+    if tops_there and not run.overwrite:
+        raise UsageError(f"{tops_there[0]} already exists; pass --overwrite to replace it, or choose another -o")
     paths = collect_inputs(images)
     stems = output_stems(paths)
     writer = None
@@ -337,7 +401,7 @@ def stats(
         records = run_job(
             [(path, stems[path]) for path in paths],
             loaded,
-            StatsJob(loaded, collector),
+            job := StatsJob(loaded, collector),
             crop=run.crop,
             batch_size=run.batch_size or default_batch_size(loaded.device),
             max_pixels=run.max_pixels,
@@ -357,6 +421,25 @@ def stats(
             from ..tensorboard import add_layer_statistics
 
             add_layer_statistics(writer, results)
+        if top:
+            from ..stats import top_grids
+
+            try:
+                grids = top_grids(
+                    loaded.module,
+                    collector.top_activations(),
+                    job.paths,
+                    loaded.preprocessing,
+                    figure_path.parent,
+                    crop=run.crop,
+                    device=loaded.device,
+                )
+            except OSError as exc:
+                raise HookvizError(
+                    f"cannot write the top images in {figure_path.parent} ({exc.strerror or exc}); choose another -o"
+                ) from None
+            if not run.quiet:
+                note(f"top {top} images per channel: {', '.join(map(str, grids))}")
     if run.as_json:
         for name, layer_stats in results.items():
             say(json_line({"layer": name, **layer_stats.as_dict()}))
@@ -413,3 +496,10 @@ def trace(
             f"traced {len(result.forward)} module calls and {len(result.backward)} gradients "
             f"for class {result.classes[0]} ({label})"
         )
+
+
+main.add_command(audit)
+main.add_command(saliency)
+main.add_command(filters)
+main.add_command(dream)
+main.add_command(evaluate)

@@ -285,7 +285,12 @@ class TargetArgs:
 
     class_values: tuple[str, ...]
     top_k: int
-    layer_name: str | None
+    layer_names: tuple[str, ...]  # -l, repeatable; commands that explain one layer take one (runs.explained)
+
+    @property
+    def layer_name(self) -> str | None:
+        """The one -l given (None when none was); commands that take one layer check there is only one."""
+        return self.layer_names[0] if self.layer_names else None
 
 
 target_options = option_group(
@@ -311,9 +316,10 @@ target_options = option_group(
         click.option(
             "-l",
             "--layer",
-            "layer_name",
+            "layer_names",
+            multiple=True,
             metavar="NAME",
-            help="Target layer (default: the last spatial layer; see 'hookviz layers').",
+            help="Target layer (default: the last spatial layer; see 'hookviz layers'). gradcam fuses several.",
         ),
     ],
 )
@@ -326,3 +332,9 @@ caption_option = click.option(
     "bottom; pictures under 256 px are enlarged for it).",
 )
 method_option = click.option("-m", "--method", default="gradcam", show_default=True, type=click.Choice(CAM_METHODS))
+expected_option = click.option(
+    "--expected",
+    metavar="folder|FILE",
+    help="Expected labels: 'folder' (photos/<class name>/*.jpg), a CSV file path,label or a JSON Lines file with "
+    "input and label; then -c is expected, predicted or both (default: both maps side by side where they differ).",
+)

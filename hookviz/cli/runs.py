@@ -32,19 +32,33 @@ def load(spec: str, model_args: ModelArgs, quiet: bool) -> LoadedModel:
 
 
 def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool) -> tuple[LoadedModel, list[int], str]:
-    """Load the model, resolve the --class values and the target layer (the default one when -l is omitted)."""
+    """Load the model, resolve the --class values and the one target layer (the default one when -l is omitted)."""
+    from ..errors import UsageError
+
+    if len(target.layer_names) > 1:
+        raise UsageError("this command explains one layer; give -l once (gradcam fuses several)")
+    loaded, classes, layers = explained_layers(spec, model_args, target, quiet)
+    return loaded, classes, layers[0]
+
+
+def explained_layers(
+    spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool
+) -> tuple[LoadedModel, list[int], list[str]]:
+    """Load the model, resolve the --class values and the target layers (the default one when -l is omitted)."""
     from ..errors import UsageError
     from ..hooks import resolve_layers
 
     if target.class_values and target.top_k != 1:
         raise UsageError("give either --class or --top-k, not both")
+    if len(set(target.layer_names)) != len(target.layer_names):
+        raise UsageError("a layer is given twice with -l; give each layer once")
     loaded = load(spec, model_args, quiet)
     # A class given twice would overwrite its own file: each is explained once.
     classes = list(dict.fromkeys(loaded.class_index(value) for value in target.class_values))
     check_classes(loaded, classes, target.top_k, labels_given=model_args.labels is not None)
-    layer = target.layer_name
+    layers = list(target.layer_names)
     calls = None
-    if layer is None:
+    if not layers:
         trace = traced(loaded)
         layer = trace.default_cam_layer()
         if layer is None:
@@ -52,10 +66,11 @@ def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool)
         if not quiet:
             note(f"layer: {layer} (default; choose another with -l)")
         calls = {info.name: info.calls for info in trace.layers if info.name == layer}  # no second probe pass
-    resolve_layers(loaded.module, [layer])
+        layers = [layer]
+    resolve_layers(loaded.module, layers)
     if not quiet:
-        note_repeated_layers(loaded, [layer], calls)
-    return loaded, classes, layer
+        note_repeated_layers(loaded, layers, calls)
+    return loaded, classes, layers
 
 
 def note_repeated_layers(loaded: LoadedModel, layers: list[str], calls: Mapping[str, int] | None = None) -> None:
@@ -117,8 +132,9 @@ def check_classes(loaded: LoadedModel, classes: list[int], top_k: int, labels_gi
         )
 
 
-def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunArgs) -> int:
-    """Run ``job`` over the inputs with the manifest, progress and JSON Lines; return the exit code."""
+def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunArgs, print_outputs: bool = True) -> int:
+    """Run ``job`` over the inputs with the manifest, progress and JSON Lines; return the exit code.
+    ``print_outputs`` False: no output paths on stdout (a command that prints a summary there)."""
     from ..batch import BatchOptions, default_workers, parse_shard, plan_batch
     from ..errors import HookvizError
     from ..images import collect_inputs
@@ -150,6 +166,7 @@ def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunAr
             quiet=run.quiet,
             verbose=verbose,
             as_json=run.as_json,
+            print_outputs=print_outputs,
             fail_fast=run.fail_fast,
         )
     finally:
