@@ -106,6 +106,13 @@ def render(results: dict[str, Any]) -> str:
         "**hookviz ÷ X** is hookviz's median time divided by X's: below 1.00x hookviz is faster.",
         "",
     ]
+    if meta.get("merged"):
+        dates = ", ".join(f"{name} {date}" for name, date in meta["merged"].items())
+        out += [
+            "**Merged run (`--only ... --merge`):** the tasks were measured in separate runs on the same machine; "
+            f"each section's numbers come from one run (task: date): {dates}. The machine table is the latest run's.",
+            "",
+        ]
     if meta["quick"]:
         out += [
             "**Quick smoke run (`--quick`): 1 repetition and smaller sizes; the numbers are not comparable "

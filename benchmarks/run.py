@@ -108,6 +108,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, smaller sizes")
     parser.add_argument("--only", help=f"comma-separated subset of: {','.join(TASKS)}")
     parser.add_argument("--out", type=Path, help="Markdown output (default benchmarks/RESULTS.md, or RESULTS.quick.md)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: keep the other tasks' results of the last run (results.json), each marked with its run",
+    )
     args = parser.parse_args()
     # In-process cases share one allocator: with glibc's defaults, whether a tool's activations must be
     # page-faulted in again depends on which tool ran before it. Keeping freed memory (as the hookviz CLI
@@ -184,6 +189,17 @@ def main() -> int:
 
     meta["machine"]["load average at end"] = load_average()
     meta["total_seconds"] = time.perf_counter() - started
+    for name in chosen:
+        if isinstance(results.get(name), dict):
+            results[name]["measured"] = meta["date"]
+    if args.merge and out_json.exists():
+        # Tasks not run now keep the last run's numbers; each task records the date of the run that measured it.
+        earlier = json.loads(out_json.read_text())
+        for name in TASKS:
+            if name not in chosen and name in earlier:
+                results[name] = earlier[name]
+                results[name].setdefault("measured", earlier["meta"]["date"])
+        meta["merged"] = {name: results[name]["measured"] for name in TASKS if isinstance(results.get(name), dict)}
     from report import render
 
     out_md.write_text(render(results))

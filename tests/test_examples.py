@@ -27,6 +27,7 @@ from hookviz.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+SHELL = ("", "bash", "console", "sh")  # the README's fenced blocks whose hookviz lines are run
 # Lines that need what this machine has not: GNU parallel (an example of running shards side by side).
 NEEDS = {"parallel ": "GNU parallel"}
 
@@ -62,7 +63,9 @@ def examples() -> list[tuple[str, str]]:
             if line.strip().startswith(("hookviz ", "find ")):
                 found.append((f"{name} --help", line.strip()))
     text = README.read_text(encoding="utf-8")
-    for block in re.findall(r"```(?:bash|console|sh)?\n(.*?)```", text, flags=re.S):
+    # Every fenced block, so a ```python block's closing fence is never read as an opening one; shell blocks only.
+    shell_blocks = [body for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S) if lang in SHELL]
+    for block in shell_blocks:
         joined = re.sub(r"\\\n\s*", " ", block)  # continuation lines
         for line in joined.splitlines():
             line = line.strip().removeprefix("$ ")
