@@ -13,7 +13,7 @@ from ..manifest import json_line
 from ..methods import CAM_METHODS
 from .options import ModelArgs, RunArgs, TargetArgs, model_options, run_options, target_options
 from .report import note, reports_errors, say
-from .runs import explained_layers, run_batch
+from .runs import explained_layers, run_batch, write_gallery
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -172,14 +172,7 @@ def evaluate(
             )
         note(f"ranking of {len(summary.rows)} method(s) on {summary.images} image(s): {picture}, {json_path}")
     if run.html:
-        from ..gallery import gallery_from_manifest
-
-        try:
-            page = gallery_from_manifest(run.out_dir)
-        except OSError as exc:
-            raise HookvizError(f"cannot write the gallery in {run.out_dir} ({exc.strerror or exc})") from None
-        if not run.quiet:
-            note(f"gallery: {page}")
+        write_gallery(run.out_dir, run.quiet)
     sys.exit(code)
 
 

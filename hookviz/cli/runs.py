@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .options import ModelArgs, RunArgs, TargetArgs
@@ -136,7 +137,6 @@ def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunAr
     """Run ``job`` over the inputs with the manifest, progress and JSON Lines; return the exit code.
     ``print_outputs`` False: no output paths on stdout (a command that prints a summary there)."""
     from ..batch import BatchOptions, default_workers, parse_shard, plan_batch
-    from ..errors import HookvizError
     from ..images import collect_inputs
 
     paths = collect_inputs(images)
@@ -176,15 +176,21 @@ def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunAr
     if verbose:
         note(f"time: {planned.timings.as_text()}")
     if run.html:
-        from ..gallery import gallery_from_manifest
-
-        try:
-            page = gallery_from_manifest(options.out_dir)
-        except OSError as exc:
-            raise HookvizError(f"cannot write the gallery in {options.out_dir} ({exc.strerror or exc})") from None
-        if not run.quiet:
-            note(f"gallery: {page}")
+        write_gallery(options.out_dir, run.quiet)
     return 1 if counts["error"] else 0
+
+
+def write_gallery(out_dir: Path, quiet: bool) -> None:
+    """(Re)write DIR/index.html from the run's manifest; a write failure is one line."""
+    from ..errors import HookvizError
+    from ..gallery import gallery_from_manifest
+
+    try:
+        page = gallery_from_manifest(out_dir)
+    except OSError as exc:
+        raise HookvizError(f"cannot write the gallery in {out_dir} ({exc.strerror or exc})") from None
+    if not quiet:
+        note(f"gallery: {page}")
 
 
 def tensorboard_images(log_dir: Any) -> Any:
