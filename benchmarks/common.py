@@ -24,6 +24,17 @@ SEED = 0
 CLASS = 243  # the class every tool explains where a fixed class is used (bull mastiff in ImageNet)
 
 
+def demo_model(scratch: Path) -> Path:
+    """The pretrained demo model (EfficientNet-Lite0 .pt2): make demo's copy, else exported into ``scratch``."""
+    made = REPO / "out" / "efficientnet_lite0.pt2"
+    if made.is_file():
+        return made
+    from hookviz.demo import export_efficientnet_lite0
+
+    log("exporting the demo model (make demo does it once)")
+    return export_efficientnet_lite0(scratch / "efficientnet_lite0.pt2")
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

@@ -597,7 +597,7 @@ def _not_finite(item: PreparedImage, what: str) -> Record:
     )
 
 
-def _settings(options: CamOptions, **extra: Any) -> dict[str, Any]:
+def _settings(options: CamOptions | SaliencyOptions, **extra: Any) -> dict[str, Any]:
     classes = list(options.classes) if options.classes else None
     uncaptioned = {} if options.caption else {"caption": False}  # the default leaves earlier runs' keys as they were
     return {
@@ -609,7 +609,7 @@ def _settings(options: CamOptions, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _class_patterns(options: CamOptions) -> list[str]:
+def _class_patterns(options: CamOptions | SaliencyOptions) -> list[str]:
     """The class part of output names: the given classes, or any class when the top-k decide."""
     return [str(c) for c in options.classes] if options.classes else ["*"]
 
@@ -784,18 +784,14 @@ class SaliencyJob:
 
     def settings(self) -> dict[str, Any]:
         options = self.options
-        classes = list(options.classes) if options.classes else None
-        return {
-            "method": options.method,
-            "layer": options.layer,
-            "classes": classes,
-            "top_k": None if classes else options.top_k,
+        return _settings(
+            options,
+            method=options.method,
             **self._method_settings(),
-            "alpha": options.alpha,
-            "cmap": options.cmap,
-            "save_raw": options.save_raw,
-            **({} if options.caption else {"caption": False}),
-        }
+            alpha=options.alpha,
+            cmap=options.cmap,
+            save_raw=options.save_raw,
+        )
 
     def _name(self) -> tuple[str, str]:
         """(method as named in files and records, the file name stem before the class)."""
@@ -808,11 +804,7 @@ class SaliencyJob:
     def output_patterns(self) -> list[str]:
         _, name = self._name()
         heat = name.replace("_", "-heat_", 1) if "_" in name else f"{name}-heat"
-        return [
-            pattern
-            for c in ([str(c) for c in self.options.classes] if self.options.classes else ["*"])
-            for pattern in (f"{heat}_c{c}.png", f"{name}_c{c}.png")
-        ]
+        return [pattern for c in _class_patterns(self.options) for pattern in (f"{heat}_c{c}.png", f"{name}_c{c}.png")]
 
     def compute(self, batch: list[PreparedImage]) -> AttributionBatch:
         options, loaded = self.options, self.loaded

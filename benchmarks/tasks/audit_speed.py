@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common import HOOKVIZ, REPO, SAMPLES, Timed, child_env, interleaved, log, run_timed
+from common import HOOKVIZ, SAMPLES, Timed, child_env, demo_model, interleaved, log, run_timed
 
 from tasks import Context
 
@@ -35,16 +35,6 @@ CLASS_OF = {
     "rocket": "missile",
 }
 STATS_LAYERS = ["_blocks.2", "_blocks.6", "_blocks.12"]  # early, middle, late (the default is every activation)
-
-
-def _demo_model(ctx: Context) -> Path:
-    made = REPO / "out" / "efficientnet_lite0.pt2"
-    if made.is_file():
-        return made
-    from hookviz.demo import export_efficientnet_lite0
-
-    log("exporting the demo model (make demo does it once)")
-    return export_efficientnet_lite0(ctx.tmp / "efficientnet_lite0.pt2")
 
 
 def _sources() -> list[str]:
@@ -85,7 +75,7 @@ def _peak_rss(argv: list[str]) -> int:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    model = str(_demo_model(ctx))
+    model = str(demo_model(ctx.tmp))
     count = min(ctx.e2e_count, len(ctx.photos))
     flat, labelled = _folders(ctx, count)
     outputs = {name: ctx.tmp / f"audit_out_{name}" for name in ("gradcam", "predicted", "both")}

@@ -12,11 +12,10 @@ The quick run takes 8 steps instead of 256 (the ratio is per step: both scale li
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, SEED, interleaved, log
+from common import SEED, demo_model, interleaved, log
 
 from tasks import Context
 
@@ -24,16 +23,6 @@ LAYER = "_blocks.6"  # the middle of EfficientNet-Lite0's 16 blocks: (N, 80, 14,
 CHANNELS = list(range(16))
 STEPS, QUICK_STEPS = 256, 8
 TARGET = 5.0
-
-
-def _demo_model(ctx: Context) -> Path:
-    made = REPO / "out" / "efficientnet_lite0.pt2"
-    if made.is_file():
-        return made
-    from hookviz.demo import export_efficientnet_lite0
-
-    log("exporting the demo model (make demo does it once)")
-    return export_efficientnet_lite0(ctx.tmp / "efficientnet_lite0.pt2")
 
 
 def classic_loop(model: torch.nn.Module, layer: str, channels: list[int], steps: int) -> list[float]:
@@ -71,7 +60,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from hookviz.models import load_model
 
     steps = QUICK_STEPS if ctx.quick else STEPS
-    path = _demo_model(ctx)
+    path = demo_model(ctx.tmp)
     ours = load_model(str(path))
     theirs = load_model(str(path))  # its own copy: the classic loop's backward() fills the parameters' .grad
     log(f"filters: {len(CHANNELS)} channels of {LAYER} of EfficientNet-Lite0 at 224 px, {steps} steps each")
