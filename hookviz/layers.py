@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -129,6 +129,10 @@ class ModelTrace:
     finish_order: list[str]  # module names in the order their last call returned
     # Spatial layers where the top class's score depends on more than one position; None if that could not be computed.
     class_dependent: set[str] | None = None
+    preferred: str | None = None  # the layer the model's kind calls for (``preferred_cam_layer``), if it has one
+    # Modules that return a dict of several tensors (a Hugging Face ModelOutput): a hook sees the first one, which
+    # need not be the one the rest of the model reads (ConvNeXt's head reads ``pooler_output``).
+    several_outputs: set[str] = field(default_factory=set)
 
     def default_cam_layer(self) -> str | None:
         """The module whose spatial output comes last, just before global pooling.
@@ -143,9 +147,15 @@ class ModelTrace:
         vision transformer only the class token reaches the head after the last
         attention, so the answer there is the last block's first LayerNorm
         (``encoder_layer_11.ln_1``), the input of that attention.
+
+        Models whose kind names the layer (``preferred_cam_layer``: torchvision segmentation and detection
+        models, timm and Hugging Face vision transformers) get that layer when it has a spatial output.
         """
         by_name = {info.name: info for info in self.layers}
+        if self.preferred is not None and self.preferred in by_name and by_name[self.preferred].is_spatial:
+            return self.preferred
         spatial = [name for name in self.finish_order if by_name[name].is_spatial]
+        spatial = [name for name in spatial if name not in self.several_outputs] or spatial
         if self.class_dependent is not None:
             spatial = [name for name in spatial if name in self.class_dependent] or spatial
         return spatial[-1] if spatial else None
@@ -202,9 +212,11 @@ def trace_layers(
             f"cannot allocate a model input of {batch}x{channels}x{input_size[0]}x{input_size[1]}; check --size"
         ) from None
     started: dict[str, None] = {}  # module names in the order their first call started
+    several: set[str] = set()
     with capture(model, [name for name, _ in modules], grad=True) as activations, hook_handles() as handles:
         for name, module in modules:
             handles.append(module.register_forward_pre_hook(_note_start(name, started)))
+            handles.append(module.register_forward_hook(_note_several_outputs(name, several)))
         output = run_model(model, dummy)
         layouts = {name: spatial_layout(tensor.shape, input_size) for name, tensor in activations.items()}
         class_dependent = _class_dependent(
@@ -227,7 +239,59 @@ def trace_layers(
     position = {name: index for index, name in enumerate(started)}
     infos.sort(key=lambda info: position.get(info.name, len(position)))  # stable: the rest keep definition order
     finished = list(dict.fromkeys(reversed(activations.order)))[::-1]  # each name at its last finish
-    return ModelTrace(layers=infos, finish_order=finished, class_dependent=class_dependent)
+    return ModelTrace(
+        layers=infos,
+        finish_order=finished,
+        class_dependent=class_dependent,
+        preferred=preferred_cam_layer(model),
+        several_outputs=several,
+    )
+
+
+def preferred_cam_layer(model: nn.Module) -> str | None:
+    """The CAM layer that a model's kind calls for, found from its structure (no import of the libraries); else None.
+
+    * torchvision segmentation models (FCN, DeepLabV3, LR-ASPP): the backbone's last stage, whose output the
+      head reads (``backbone.layer4``; ``backbone.16`` for MobileNetV3), as pytorch-grad-cam's tutorial does.
+    * torchvision detectors with an FPN (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS): ``backbone.fpn``, the
+      feature pyramid the box heads read. Its output is an OrderedDict of levels; a hook takes the first, the
+      highest-resolution level (P2 for R-CNN, P3 for RetinaNet/FCOS, stride 16 for the MobileNetV3 FPN).
+    * SSD and SSDlite: ``backbone``, whose first map is the finest the box heads read.
+    * Vision transformers from timm (``blocks``) and Hugging Face (``encoder.layer``, ``layers``): the last block's first
+      norm, the input of the attention that mixes the patches into the class token (qkv projections come later
+      in a forward pass but mix query, key and value channels).
+    """
+    backbone = getattr(model, "backbone", None)
+    kind = type(model).__module__
+    if isinstance(backbone, nn.Module) and kind.startswith("torchvision.models.segmentation"):
+        returned = getattr(backbone, "return_layers", None)
+        if isinstance(returned, Mapping) and returned:
+            main = next((key for key, value in returned.items() if value in ("out", "high")), list(returned)[-1])
+            return f"backbone.{main}"
+    if isinstance(backbone, nn.Module) and kind.startswith("torchvision.models.detection"):
+        children = dict(backbone.named_children())
+        return "backbone.fpn" if "fpn" in children else "backbone"
+    blocks = _transformer_blocks(model)
+    if blocks is not None:
+        prefix, last = blocks
+        for norm in ("norm1", "layernorm_before", "ln_1", "norm"):
+            if isinstance(getattr(last, norm, None), nn.Module):
+                return f"{prefix}.{norm}"
+    return None
+
+
+def _transformer_blocks(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The name and module of the last block of a timm (``blocks``) or Hugging Face (``*.encoder.layer``, ``*.layers``) ViT."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and hasattr(model, "num_prefix_tokens"):
+        return (f"blocks.{len(blocks) - 1}", blocks[-1]) if len(blocks) else None
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "hidden_size") or hasattr(config, "hidden_sizes"):
+        return None  # not a Hugging Face transformer (a ConvNeXt/ResNet config has hidden_sizes per stage)
+    for name, module in model.named_modules():  # transformers 4: vit.encoder.layer; 5: vit.layers
+        if name.endswith(("encoder.layer", "layers")) and isinstance(module, nn.ModuleList) and len(module):
+            return f"{name}.{len(module) - 1}", module[-1]
+    return None
 
 
 def _note_start(name: str, started: dict[str, None]) -> Callable[[nn.Module, Any], None]:
@@ -235,6 +299,14 @@ def _note_start(name: str, started: dict[str, None]) -> Callable[[nn.Module, Any
         started.setdefault(name, None)  # a later call keeps the first call's place
 
     return pre_hook
+
+
+def _note_several_outputs(name: str, several: set[str]) -> Callable[[nn.Module, Any, Any], None]:
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, Mapping) and sum(isinstance(v, torch.Tensor) for v in output.values()) > 1:
+            several.add(name)
+
+    return hook
 
 
 def module_type_names(model: nn.Module) -> dict[str, str]:

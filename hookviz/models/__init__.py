@@ -1,19 +1,21 @@
 """Resolve a MODEL argument into a module, its preprocessing and its class names.
 
-A user passes whatever they have: a torchvision model name (``zoo``), a
-state_dict file (with or without ``arch``), a ``torch.export`` ``.pt2``
-program, a pickled module (only with ``trust``), or ``package.module:callable``
-(``files``). TorchScript is refused with the alternatives, because hooks do not
+A user passes whatever they have: a torchvision model name (``zoo``:
+classification, segmentation and detection), ``timm:NAME`` or a Hugging Face
+image classifier (``hub``), a state_dict file (.pth or .safetensors, with or
+without ``arch``), a ``torch.export`` ``.pt2`` program, a pickled module (only
+with ``trust``), or ``package.module:callable`` (``files``). TorchScript is refused with the alternatives, because hooks do not
 run on ScriptModules.
 
-torchvision is imported only when a torchvision model or architecture is asked
-for: importing it costs seconds.
+torchvision, timm, transformers and safetensors are imported only when a model
+that needs them is asked for: importing them costs seconds.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ from ..preprocessing import Preprocessing, default_preprocessing, for_channels
 # package.module:callable, or path/to/file.py:callable
 CALLABLE_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|.+\.py):[A-Za-z_]\w*$")
 MAX_LISTED = 8  # class names listed in one message
-MODEL_FILE_SUFFIXES = frozenset({".pt", ".pth", ".pt2", ".ckpt", ".bin", ".jit"})
+MODEL_FILE_SUFFIXES = frozenset({".pt", ".pth", ".pt2", ".ckpt", ".bin", ".jit", ".safetensors"})
+HUB_PREFIXES = ("timm:", "hf:")  # timm:NAME, hf:ORG/NAME
 
 
 @dataclass
@@ -44,7 +47,11 @@ class LoadedModel:
     output_key: str | None = None
     fixed_batch: int | None = None  # a .pt2 exported without a dynamic batch dimension takes exactly this batch size
     input_channels: int | None = None  # as the file records it (a .pt2's input spec); None: read from the first conv
-    _output_count: int | None = field(default=None, repr=False)
+    task: str = "classification"  # "classification", "segmentation" ({"out": (N, C, H, W)}) or "detection" (boxes)
+    prefix_tokens: int | None = (
+        None  # tokens before the patch grid (class, register, distillation), when the model says
+    )
+    _output_shape: tuple[int, ...] | None = field(default=None, repr=False)
 
     def label(self, class_index: int) -> str:
         """The class name of ``class_index``, or ``class N`` when the model has no name for it."""
@@ -73,23 +80,42 @@ class LoadedModel:
         suggestion = f"; did you mean {', '.join(map(repr, hint))}?" if hint else ""
         raise UsageError(f"--class {text!r} is not a class name of this model{suggestion}")
 
-    def output_count(self) -> int | None:
-        """How many class scores the model gives per input, from one forward pass on zeros (remembered).
-
-        None when the output is not (N, scores). Lets a run check --class, --top-k and
-        --labels before it does any work.
-        """
-        if self._output_count is None:
+    def output_shape(self) -> tuple[int, ...] | None:
+        """The shape of the model's scores (``logits``) for one input batch of zeros, from one forward pass
+        (remembered, shared with ``output_count``); None for a detector's list of boxes."""
+        if self._output_shape is None:
             height, width = self.preprocessing.input_size
             probe = torch.zeros(self.fixed_batch or 1, self.preprocessing.channels, height, width, device=self.device)
             with torch.no_grad():
-                logits = self.logits(run_model(self.module, probe))
-            self._output_count = int(logits.shape[1]) if logits.dim() == 2 else -1
-        return self._output_count if self._output_count >= 0 else None
+                output = run_model(self.module, probe)
+            self._output_shape = () if _is_detection_output(output) else tuple(self.logits(output).shape)
+        return self._output_shape or None
+
+    def output_count(self) -> int | None:
+        """How many class scores the model gives per input, from one forward pass on zeros (remembered).
+
+        None when the output is not (N, scores), e.g. a detector's list of boxes. For a segmentation model, the
+        number of classes scored at each pixel (N, C, H, W). Lets a run check --class, --top-k and
+        --labels before it does any work.
+        """
+        shape = self.output_shape()
+        if shape is None:
+            return None
+        per_pixel = self.task == "segmentation" and len(shape) == 4
+        return int(shape[1]) if len(shape) == 2 or per_pixel else None
 
     def logits(self, output: Any) -> torch.Tensor:
         """The class scores in a model's output (a tensor, a tuple or a dict)."""
         return select_logits(output, self.output_key)
+
+
+def _is_detection_output(output: Any) -> bool:
+    """A torchvision detector's output: one dict (``boxes``, ``labels``, ``scores``) per image."""
+    return (
+        isinstance(output, (list, tuple))
+        and len(output) > 0
+        and all(isinstance(item, Mapping) and "boxes" in item for item in output)
+    )
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -122,9 +148,12 @@ def load_model(
     """Load MODEL as the CLI does, in eval mode on its device. Raises UsageError with a one-line fix on failure.
 
     Args:
-        spec: a torchvision model name, a model file (.pt/.pth state_dict, .pt2, pickled module with
-            ``trust``), or ``package.module:callable`` returning an ``nn.Module``.
-        weights: torchvision weights: ``DEFAULT``, an enum member name, or ``none`` for random weights.
+        spec: a torchvision model name (classification, segmentation or detection), ``timm:NAME``,
+            ``hf:ORG/NAME`` (a cached Hugging Face image classifier) or a directory saved with ``save_pretrained``,
+            a model file (.pt/.pth/.safetensors state_dict, .pt2, pickled module with ``trust``), or
+            ``package.module:callable`` returning an ``nn.Module``.
+        weights: ``DEFAULT`` (torchvision's, timm's or the Hugging Face model's own), a torchvision enum member
+            name, or ``none`` for random weights.
         arch: the torchvision architecture of a state_dict file (detected when None).
         state_dict: weights for a ``package.module:callable`` model.
         trust: allow unpickling, which runs code from the file.
@@ -141,11 +170,32 @@ def load_model(
     from . import files, zoo
 
     path = Path(spec)
-    if CALLABLE_SPEC.match(spec) and not path.exists():
+    hub_prefix = next((prefix for prefix in HUB_PREFIXES if spec.startswith(prefix)), None)
+    if hub_prefix is not None and not path.exists():
+        from . import hub
+
+        if state_dict is not None or arch is not None:
+            option = "--state-dict" if state_dict is not None else "--arch"
+            raise UsageError(
+                f"{option} does not go with a {hub_prefix} MODEL; it names its own architecture and weights"
+            )
+        name = spec[len(hub_prefix) :]
+        loaded = hub.load_timm(name, weights) if hub_prefix == "timm:" else hub.load_hf(name, weights, local=False)
+    elif CALLABLE_SPEC.match(spec) and not path.exists():
         loaded = files.load_callable(spec, state_dict)
     elif path.exists():
         if path.is_dir():
-            raise UsageError(f"model {spec!r} is a directory; pass a model file or a torchvision model name")
+            if not (path / "config.json").is_file():
+                raise UsageError(
+                    f"model {spec!r} is a directory without a config.json; pass a model file, a torchvision model "
+                    "name, or a Hugging Face model directory (saved with save_pretrained)"
+                )
+            from . import hub
+
+            if state_dict is not None or arch is not None:
+                option = "--state-dict" if state_dict is not None else "--arch"
+                raise UsageError(f"{option} does not go with a Hugging Face model directory; it holds its own weights")
+            return _finish(hub.load_hf(str(path), weights, local=True), size, mean, std, labels, device, output_key)
         if state_dict is not None:
             raise UsageError(
                 "--state-dict goes with a package.module:callable MODEL; a file MODEL already holds weights"
@@ -157,9 +207,25 @@ def load_model(
         if state_dict is not None:
             raise UsageError("--state-dict goes with a package.module:callable MODEL; for torchvision use --weights")
         loaded = zoo.load_torchvision(spec, weights)
+    return _finish(loaded, size, mean, std, labels, device, output_key)
 
+
+def _finish(
+    loaded: LoadedModel,
+    size: tuple[int, int] | None,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+    labels: str | None,
+    device: str,
+    output_key: str | None,
+) -> LoadedModel:
+    """The options every kind of MODEL takes: size, normalization, labels, device, output key."""
     if size is not None:
         loaded.preprocessing = loaded.preprocessing.with_input_size(size)
+        if loaded.task == "detection":
+            from .zoo import resize_detector
+
+            resize_detector(loaded.module, size)
     channels = loaded.input_channels or first_conv_channels(loaded.module) or 3
     if channels not in (1, 3):
         raise UsageError(
@@ -183,7 +249,8 @@ def load_model(
     loaded.device = resolve_device(device)
     loaded.module.to(loaded.device)
     loaded.module.eval()
-    loaded.output_key = output_key
+    if output_key is not None:  # else the loader's own (a segmentation model's "out")
+        loaded.output_key = output_key
     return loaded
 
 

@@ -1,7 +1,9 @@
-"""Models from files and code: .pt/.pth state_dicts, .pt2 programs, pickled modules, ``package.module:callable``.
+"""Models from files and code: .pt/.pth/.safetensors state_dicts, .pt2 programs, pickled modules,
+``package.module:callable``.
 
 Nothing here runs code from a file unless the user said ``trust``: state_dicts
-load with ``weights_only=True``, and so do the pickled parts of a .pt2 archive.
+load with ``weights_only=True`` (safetensors files hold no pickle at all), and so
+do the pickled parts of a .pt2 archive.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
         raise UsageError(
             f"{path} is a {kind} image, not a model; the model comes first: hookviz COMMAND MODEL IMAGES..."
         )
+    if is_safetensors(path):
+        state = read_safetensors(path)
+        if arch is not None:
+            return build_arch(arch, state, str(path), detected=False)
+        return _detected(path, state)
     names = _zip_names(path)
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UsageError(
@@ -57,13 +64,17 @@ def load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
         raise UsageError(
             f"cannot read {path} as a PyTorch file ({type(exc).__name__}); pass a .pt/.pth state_dict, a .pt2 export, or a model name"
         ) from None
-    state = unwrap_state_dict(obj)
-    if state is None:
+    unwrapped = unwrap_state_dict(obj)
+    if unwrapped is None:
         raise UsageError(
             f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; save model.state_dict() or export to .pt2"
         )
     if arch is not None:
-        return build_arch(arch, state, str(path), detected=False)
+        return build_arch(arch, unwrapped, str(path), detected=False)
+    return _detected(path, unwrapped)
+
+
+def _detected(path: Path, state: dict[str, torch.Tensor]) -> LoadedModel:
     found = detect_torchvision_arch(state)
     if found is None:
         raise UsageError(
@@ -71,6 +82,46 @@ def load_file(path: Path, *, arch: str | None, trust: bool) -> LoadedModel:
             "pass --arch NAME, use package.module:callable with --state-dict, or export the model to .pt2"
         )
     return build_arch(found[0], state, str(path), detected=True)
+
+
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
+
+
+def is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` file, or a file that starts as one: an 8-byte little-endian header length, then JSON."""
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(9)
+            size = os.fstat(stream.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= min(SAFETENSORS_MAX_HEADER, size - 8)
+
+
+def read_safetensors(path: Path | str, what: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (``safetensors.torch.load_file``: no pickle); a one-line UsageError if the
+    package is missing or the file is not a valid safetensors file. ``what`` names the option it came from."""
+    name = f"{what} {path}" if what else str(path)
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+    except ImportError:
+        raise UsageError(f"{name} is a safetensors file; reading it needs: pip install safetensors") from None
+    try:
+        state = load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"{name} is not a valid safetensors file ({first[:200]}); save it with safetensors.torch.save_file"
+        ) from None
+    if not state:
+        raise UsageError(f"{name} holds no tensors; save model.state_dict() with safetensors.torch.save_file")
+    return unwrap_state_dict(state) or state
 
 
 # File signatures of the image formats hookviz reads, so that an image given as MODEL is named as one.
@@ -266,8 +317,12 @@ def load_callable(spec: str, state_dict: str | Path | None) -> LoadedModel:
         raise UsageError(f"{spec}() returned {type(module).__name__}, not an nn.Module")
     description = f"{type(module).__name__} from {spec}"
     if state_dict is not None:
+        state: dict[str, torch.Tensor] | None
         try:
-            state = unwrap_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+            if Path(state_dict).is_file() and is_safetensors(Path(state_dict)):
+                state = read_safetensors(state_dict, "--state-dict")
+            else:
+                state = unwrap_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
         except pickle.UnpicklingError:
             raise UsageError(f"--state-dict {state_dict} holds pickled code, not a state_dict of tensors") from None
         except FileNotFoundError:

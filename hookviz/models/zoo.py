@@ -3,7 +3,7 @@
 Everything is read from torchvision's registry (``list_models``, ``get_model``,
 ``get_model_weights``, ``weights.transforms()``, ``weights.meta``): nothing is
 hand-written and nothing is downloaded except the weights a user asks for.
-New zoos (timm, Hugging Face) plug in here.
+Segmentation and detection models come by name too; timm and Hugging Face models are in ``hub``.
 
 Detecting the architecture of a state_dict keeps each architecture's parameter
 names and shapes in memory and in the user's cache dir ($XDG_CACHE_HOME or
@@ -30,12 +30,30 @@ from ..errors import UsageError, did_you_mean
 from ..preprocessing import Preprocessing
 from . import LoadedModel
 
+TASKS = ("classification", "segmentation", "detection")
+
 
 def classification_model_names() -> list[str]:
     """torchvision's classification model names (``resnet50``, ``vit_b_16``, ...)."""
     import torchvision.models
 
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def task_model_names(task: str) -> list[str]:
+    """torchvision's model names of ``task``: classification, segmentation (``fcn_resnet50``, ...) or detection
+    (``fasterrcnn_mobilenet_v3_large_320_fpn``, ``retinanet_resnet50_fpn``, ``ssdlite320_mobilenet_v3_large``, ...)."""
+    if task == "classification":
+        return classification_model_names()
+    import torchvision.models
+
+    module = {"segmentation": torchvision.models.segmentation, "detection": torchvision.models.detection}[task]
+    return torchvision.models.list_models(module=module)
+
+
+def model_task(name: str) -> str | None:
+    """The task of torchvision model ``name`` (one of ``TASKS``), or None when torchvision has no such model."""
+    return next((task for task in TASKS if name in task_model_names(task)), None)
 
 
 def torchvision_weights(name: str, weights: str) -> Any:
@@ -68,18 +86,72 @@ def weights_preprocessing(weights: Any) -> Preprocessing:
     )
 
 
+def segmentation_preprocessing(weights: Any) -> Preprocessing:
+    """A square input at the size the weights' transform resizes the shorter side to (520 for torchvision's)."""
+    transform = weights.transforms()
+    side = int(transform.resize_size[0]) if transform.resize_size else 520
+    return Preprocessing(
+        input_size=(side, side),
+        resize_size=side,
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+        interpolation=transform.interpolation.value,
+    )
+
+
+def detection_preprocessing(module: Any) -> Preprocessing:
+    """Images in [0, 1] (mean 0, std 1: torchvision detectors normalize inside), square at the detector's own size.
+
+    The detector's ``transform`` resizes every image so that its shorter side is ``min_size`` (SSD: to
+    ``fixed_size``). A square input of that side goes through that resize unchanged, so the boxes the model returns
+    are in the input's pixels and map to the original image by one scale per axis.
+    """
+    transform = getattr(module, "transform", None)
+    fixed = getattr(transform, "fixed_size", None)
+    if fixed:
+        width, height = int(fixed[0]), int(fixed[1])  # torchvision's fixed_size is (width, height)
+    else:
+        sizes = getattr(transform, "min_size", None) or (800,)
+        side = int(sizes[-1])  # eval uses the last of several training sizes (keypointrcnn: 640 ... 800)
+        height, width = side, side
+    return Preprocessing(input_size=(height, width), resize_size=min(height, width), mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def resize_detector(module: Any, size: tuple[int, int]) -> None:
+    """Make a torchvision detector's own resize keep an input of ``size`` (height, width) as it is, so ``--size``
+    sets the size the detector runs at (it would otherwise resize every input to its ``min_size``, e.g. 800)."""
+    transform = getattr(module, "transform", None)
+    if transform is None or not hasattr(transform, "min_size"):
+        return
+    if getattr(transform, "fixed_size", None):
+        transform.fixed_size = (int(size[1]), int(size[0]))  # (width, height), as torchvision's transform reads it
+    transform.min_size = (int(min(size)),)
+    transform.max_size = int(max(size))
+
+
 def load_torchvision(name: str, weights: str) -> LoadedModel:
-    """torchvision model ``name`` with ``weights`` (see ``torchvision_weights``), its preprocessing and class names."""
-    names = classification_model_names()
-    if name not in names:
+    """torchvision model ``name`` with ``weights`` (see ``torchvision_weights``), its preprocessing and class names.
+
+    Classification, segmentation and detection models: ``none`` builds them with random weights and no download
+    at all (segmentation and detection models also get no backbone weights).
+    """
+    task = model_task(name)
+    if task is None:
+        names = [n for t in TASKS for n in task_model_names(t)]
         hint = did_you_mean(name, names)
-        fix = hint[2:] if hint else "pass a model file, or a torchvision classification model name"
-        raise UsageError(f"unknown model {name!r}: not a file and not a torchvision classification model; {fix}")
+        fix = (
+            hint[2:]
+            if hint
+            else "pass a model file, or a torchvision classification, segmentation or detection model name"
+        )
+        raise UsageError(f"unknown model {name!r}: not a file and not a torchvision model; {fix}")
     from torchvision.models import get_model, get_model_weights
 
     chosen = torchvision_weights(name, weights)
+    # Segmentation and detection builders fetch ImageNet backbone weights by default, even with weights=None.
+    extra = {} if task == "classification" else {"weights_backbone": None}
     try:
-        module = get_model(name, weights=chosen)
+        module = get_model(name, weights=chosen, **extra)
     except Exception as exc:  # torchvision's own download code: network, disk, checksum
         raise UsageError(
             f"could not get the {chosen} weights for {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
@@ -88,7 +160,23 @@ def load_torchvision(name: str, weights: str) -> LoadedModel:
     reference = chosen if chosen is not None else get_model_weights(name).DEFAULT
     labels = chosen.meta.get("categories") if chosen is not None else None
     described = f"torchvision {name} ({chosen if chosen is not None else 'random weights'})"
-    return LoadedModel(module, name, described, weights_preprocessing(reference), list(labels) if labels else None)
+    if task == "segmentation":
+        preprocessing = segmentation_preprocessing(reference)
+    elif task == "detection":
+        preprocessing = detection_preprocessing(module)
+    else:
+        preprocessing = weights_preprocessing(reference)
+    loaded = LoadedModel(module, name, described, preprocessing, list(labels) if labels else None, task=task)
+    if task == "segmentation":
+        loaded.output_key = "out"  # {"out": (N, C, H, W), "aux": ...}: "aux" is a training-time head
+    return loaded
+
+
+def category_names(name: str, weights: str = "DEFAULT") -> list[str] | None:
+    """The class names the weights ``weights`` of torchvision model ``name`` were trained on, read without a download."""
+    chosen = torchvision_weights(name, weights)
+    categories = chosen.meta.get("categories") if chosen is not None else None
+    return list(categories) if categories else None
 
 
 # --- architecture detection ----------------------------------------------------------------------
@@ -326,8 +414,12 @@ def build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detected
 
     names = classification_model_names()
     if arch not in names:
-        raise UsageError(f"--arch {arch!r} is not a torchvision classification model" + did_you_mean(arch, names))
-    num_classes = _classifier_size(state)
+        task = model_task(arch)
+        if task is not None:
+            return _build_task_arch(arch, task, state, spec)
+        every = [name for task in TASKS for name in task_model_names(task)]
+        raise UsageError(f"--arch {arch!r} is not a torchvision model" + did_you_mean(arch, every))
+    num_classes = _classifier_size(state, arch)
     fix = "leave out --arch to detect the architecture, or export the model to .pt2"
     try:
         module = (
@@ -352,6 +444,57 @@ def build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detected
     )
 
 
+def _build_task_arch(arch: str, task: str, state: Mapping[str, torch.Tensor], spec: str) -> LoadedModel:
+    """A segmentation or detection architecture with the weights ``state``: its number of classes is read from the
+    parameters whose size is a multiple of the default's (a box regressor has 4 per class, RetinaNet 9 anchors per
+    class), and a segmentation model gets its auxiliary head when the file has one."""
+    from torchvision.models import get_model, get_model_weights
+
+    fix = "check --arch, or export the model to .pt2"
+    options: dict[str, Any] = {"weights": None, "weights_backbone": None}
+    if any(key.startswith("aux_classifier.") for key in state):
+        options["aux_loss"] = True
+
+    def build(**extra: Any) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return get_model(arch, **options, **extra)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise UsageError(f"{spec} does not fit --arch {arch} ({type(exc).__name__}: {exc}); {fix}") from None
+
+    module = build()
+    default = 21 if task == "segmentation" else 91
+    expected = module.state_dict()
+    num_classes = default
+    for key, value in expected.items():
+        given = state.get(key)
+        if given is None or given.dim() == 0 or value.dim() == 0 or tuple(given.shape) == tuple(value.shape):
+            continue
+        rows, default_rows = int(given.shape[0]), int(value.shape[0])
+        if default_rows % default == 0 and (rows * default) % default_rows == 0:
+            num_classes = rows * default // default_rows
+            break
+    if num_classes != default:
+        module = build(num_classes=num_classes)
+    misfit = state_dict_misfit(module.state_dict(), state)
+    if misfit:
+        raise UsageError(f"{spec} does not fit --arch {arch} ({misfit}); {fix}")
+    module.load_state_dict(state, strict=True)
+    reference = get_model_weights(arch).DEFAULT
+    categories = reference.meta.get("categories")
+    labels = list(categories) if categories and num_classes == len(categories) else None
+    if task == "segmentation":
+        preprocessing = segmentation_preprocessing(reference)
+    else:
+        preprocessing = detection_preprocessing(module)
+    described = f"state_dict {spec} as torchvision {arch} (given, {num_classes} classes)"
+    loaded = LoadedModel(module, spec, described, preprocessing, labels, task=task)
+    if task == "segmentation":
+        loaded.output_key = "out"
+    return loaded
+
+
 def state_dict_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
     """What keeps ``given`` from loading into a model whose state_dict is ``expected``, in one short phrase ("" if it fits)."""
     missing = [key for key in expected if key not in given]
@@ -369,8 +512,23 @@ def state_dict_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, 
     return "; ".join(parts)
 
 
-def _classifier_size(state: Mapping[str, torch.Tensor]) -> int | None:
-    """num_classes from the last 2-D or 4-D weight in the state_dict (the classifier)."""
+def _classifier_size(state: Mapping[str, torch.Tensor], arch: str | None = None) -> int | None:
+    """num_classes: the leading size of the parameters that have 1000 rows in ``arch`` with its default classes and
+    another number in ``state``; else from the last 2-D or 4-D weight in the state_dict (the classifier).
+
+    The first rule does not depend on the order of the keys: a safetensors file lists them sorted by name.
+    """
+    if arch is not None:
+        try:
+            expected = _signatures.get(arch) or _parameter_shapes(arch)
+        except Exception:  # an architecture that cannot be built with defaults: fall back on the key order
+            expected = {}
+        for key, shape in expected.items():
+            given = state.get(key)
+            if shape[:1] == (1000,) and given is not None and given.dim() > 0 and tuple(given.shape) != shape:
+                return int(given.shape[0])
+        if expected and all(key in state and tuple(state[key].shape) == shape for key, shape in expected.items()):
+            return 1000
     for key in reversed(list(state)):
         value = state[key]
         if key.endswith("weight") and value.dim() in (2, 4):
