@@ -26,6 +26,7 @@ from .hooks import capture, hook_handles, layer_call, preserved_state
 from .methods import CAM_METHODS, GRADIENT_METHODS
 from .render import normalize_map
 from .spatial import Layout, spatial_output, to_spatial
+from .targets import ClassTarget, Target
 
 EPS = 1e-7
 METHODS = CAM_METHODS
@@ -196,8 +197,17 @@ def batched_gradients(
     single = isinstance(activation, torch.Tensor)
     inputs = [activation] if isinstance(activation, torch.Tensor) else list(activation)
     batch, k = scores.shape
+    unrelated = UsageError(
+        "the explained score does not depend on the layer's output (the layer runs after what is scored, "
+        "such as an --embedding-layer); choose an earlier layer with -l"
+    )
+    if not scores.requires_grad:
+        raise unrelated
     if k == 1:
-        gradients = [g[:, None] for g in torch.autograd.grad(scores.sum(), inputs)]
+        found = torch.autograd.grad(scores.sum(), inputs, allow_unused=True)
+        if any(g is None for g in found):
+            raise unrelated
+        gradients = [g[:, None] for g in found]
         return gradients[0] if single else gradients
     selectors = torch.eye(k, device=scores.device, dtype=scores.dtype)[:, None, :].expand(k, batch, k)
     try:
@@ -268,6 +278,23 @@ def check_cam_options(method: str, layers: Sequence[str], *, eigen_smooth: bool,
         )
 
 
+def check_target(kind: str, method: str, *, aug_smooth: bool) -> None:
+    """Refuse a method or option that cannot explain a target of this ``kind`` (``Target.kind``; one-line UsageErrors)."""
+    if kind == "class":
+        return
+    what = {
+        "binary": "a single output",
+        "segmentation": "a segmentation class",
+        "similarity": "a similarity",
+    }.get(kind, kind)
+    if method in ("cam", "scorecam", "ablationcam"):
+        raise UsageError(
+            f"-m {method} explains class logits, not {what}; use one of: {', '.join(GRADIENT_METHODS)}, eigencam"
+        )
+    if aug_smooth and kind != "binary":
+        raise UsageError(f"--aug-smooth explains class logits, not {what}; drop it or use --eigen-smooth")
+
+
 def compute_cams(
     model: nn.Module,
     batch: torch.Tensor,
@@ -283,6 +310,7 @@ def compute_cams(
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
     fuse: str = "mean",
+    target: Target | None = None,
 ) -> CamBatch:
     """Explain ``classes`` (or each image's top-k predictions) for a batch of model inputs at ``layer``.
 
@@ -304,6 +332,9 @@ def compute_cams(
         aug_smooth: average the maps of test-time augmentations (``augmented``), all in one forward pass;
             the classes are those of the unchanged image.
         fuse: ``"mean"`` or ``"max"`` of the layers' maps (``fused``), when several layers are given.
+        target: what is explained (``hookviz.targets``): segmentation classes, a single output's sides, a
+            similarity; None for class logits (``classes``, ``top_k``). Its ``shown`` values become
+            ``CamBatch.probabilities``.
 
     Returns:
         ``CamBatch``: maps (B, K, h, w) >= 0, not normalized (with several layers or ``aug_smooth``, an
@@ -311,6 +342,8 @@ def compute_cams(
     """
     layers = [layer] if isinstance(layer, str) else list(layer)
     check_cam_options(method, layers, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, fuse=fuse)
+    explained = target if target is not None else ClassTarget(tuple(classes or ()), top_k, "softmax")
+    check_target(explained.kind, method, aug_smooth=aug_smooth)
     if aug_smooth and fixed_batch is not None:
         raise UsageError(
             f"--aug-smooth runs {len(AUGMENTATIONS)} copies of each image together, and this model "
@@ -323,11 +356,9 @@ def compute_cams(
     images = batch.shape[0]
     inputs = augmented(batch) if aug_smooth else batch
     needs_grad = method in GRADIENT_METHODS
-    with capture(model, layers, grad=needs_grad, leaf_calls=known_calls) as activations:
+    with capture(model, layers, grad=needs_grad, leaf_calls=known_calls) as activations, explained.hooked(model):
         output = run_model(model, inputs)
-        logits = select_logits(output, output_key)
-        if logits.dim() != 2:
-            raise UsageError(f"the model's output has shape {tuple(logits.shape)}, not (N, classes); use --output KEY")
+        logits = explained.select(output, output_key)
         size = (batch.shape[-2], batch.shape[-1])
         captured = [spatial_output(activations, name, size, activations.calls.get(name, 0)) for name in layers]
         if needs_grad and not all(out.requires_grad for out, _ in captured):
@@ -345,14 +376,15 @@ def compute_cams(
                 eigen_smooth=eigen_smooth,
                 aug_smooth=aug_smooth,
                 fuse=fuse,
+                target=target,
             )
         spatial = [to_spatial(out.detach(), layout) for out, layout in captured]  # each (A * B, C, h, w)
-        chosen = choose_classes(logits[:images].detach(), classes, top_k)
+        chosen = explained.choose(logits[:images].detach())
         every_copy = chosen.repeat(inputs.shape[0] // images, 1)
         per_layer: list[torch.Tensor] = []
         if needs_grad:
             outputs = [out for out, _ in captured]
-            gradients = batched_gradients(logits.gather(1, every_copy), outputs)
+            gradients = batched_gradients(explained.scores(logits, every_copy), outputs)
             for activation, gradient, (_, layout) in zip(spatial, gradients, captured, strict=True):
                 gradient = to_spatial(gradient.flatten(0, 1), layout).unflatten(0, gradient.shape[:2])
                 weighted = GRADIENT_RULES[method](activation, gradient)
@@ -390,7 +422,7 @@ def compute_cams(
     return CamBatch(
         maps=maps.detach(),
         classes=chosen,
-        probabilities=logits[:images].detach().softmax(dim=1),
+        probabilities=explained.shown(logits[:images].detach()),
         layer="+".join(layers),
         method=method,
         layer_calls=calls[layers[0]],

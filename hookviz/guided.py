@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cams import batched_gradients, choose_classes, compute_cams
+from .cams import batched_gradients, compute_cams
 from .errors import UsageError
-from .forward import run_model, select_logits
+from .forward import run_model
 from .hooks import hook_handles, preserved_state
 from .layers import exported_op
+from .targets import ClassTarget, Target
 
 _RELU_OPS = ("aten.relu", "aten.relu_", "aten.relu6", "aten.hardtanh", "aten.hardtanh_")
 
@@ -70,19 +71,25 @@ def guided_backprop(
     *,
     top_k: int = 1,
     output_key: str | None = None,
+    target: Target | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Guided-backprop gradients of each image's class scores w.r.t. the input.
 
-    Returns (gradients (B, K, 3, H, W), classes (B, K), probabilities (B, num_classes)).
+    ``target`` (``hookviz.targets``) scores something else than class logits (a segmentation class, a single
+    output's side, a similarity); ``classes`` then are its choices (``Target.choose``).
+
+    Returns (gradients (B, K, 3, H, W), classes (B, K), probabilities (B, num_classes): what ``target.shown`` shows).
     """
     relus = relu_modules(model)
     with torch.inference_mode(False), preserved_state(model), torch.enable_grad(), hook_handles() as handles:
         handles.extend(module.register_forward_hook(_guided_hook) for module in relus)
         inputs = batch.detach().clone().requires_grad_(True)
-        logits = select_logits(run_model(model, inputs), output_key)
-        chosen = classes if classes is not None else choose_classes(logits.detach(), None, top_k)
-        gradients = batched_gradients(logits.gather(1, chosen), inputs)
-    return gradients.detach(), chosen, logits.detach().softmax(dim=1)
+        explained = target if target is not None else ClassTarget((), top_k, "softmax")
+        with explained.hooked(model):
+            logits = explained.select(run_model(model, inputs), output_key)
+        chosen = classes if classes is not None else explained.choose(logits.detach())
+        gradients = batched_gradients(explained.scores(logits, chosen), inputs)
+    return gradients.detach(), chosen, explained.shown(logits.detach())
 
 
 def gradient_image(gradient: torch.Tensor) -> torch.Tensor:
@@ -100,6 +107,7 @@ class GuidedBatch:
     guided_gradcam: torch.Tensor  # (B, K, 3, H, W) the same, weighted by the upsampled Grad-CAM map
     classes: torch.Tensor
     probabilities: torch.Tensor
+    region_errors: list[str | None] | None = None  # per image, why a --region or --mask does not fit it
 
 
 def compute_guided(
@@ -110,12 +118,13 @@ def compute_guided(
     classes: Sequence[int] | None = None,
     top_k: int = 1,
     output_key: str | None = None,
+    target: Target | None = None,
 ) -> GuidedBatch:
-    """Guided backprop and guided Grad-CAM for the same classes."""
+    """Guided backprop and guided Grad-CAM for the same classes (or ``target``'s items, see ``guided_backprop``)."""
     cams = compute_cams(
-        model, batch, layer=layer, method="gradcam", classes=classes, top_k=top_k, output_key=output_key
+        model, batch, layer=layer, method="gradcam", classes=classes, top_k=top_k, output_key=output_key, target=target
     )
-    guided, chosen, probabilities = guided_backprop(model, batch, cams.classes, output_key=output_key)
+    guided, chosen, probabilities = guided_backprop(model, batch, cams.classes, output_key=output_key, target=target)
     from .render import normalize_map, resize_map
 
     maps = normalize_map(cams.maps)

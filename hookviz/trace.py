@@ -29,6 +29,7 @@ from .errors import UsageError
 from .forward import first_tensor, replace_first_tensor, run_model, select_logits
 from .hooks import hook_handles, preserved_state
 from .tables import format_table, json_float, short_number
+from .targets import Target
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -106,14 +107,20 @@ class Trace:
 
 
 def trace_model(
-    model: nn.Module, batch: torch.Tensor, class_index: int | None = None, output_key: str | None = None
+    model: nn.Module,
+    batch: torch.Tensor,
+    class_index: int | None = None,
+    output_key: str | None = None,
+    target: Target | None = None,
 ) -> Trace:
     """Run one forward and one backward pass of ``batch`` and record every module call, in order.
 
     The score is the logit of ``class_index`` (default: each image's top-1
-    prediction), summed over the batch. The model runs in eval mode; modes,
-    parameters' ``.grad`` and the hook lists are restored afterwards, also when
-    the model fails.
+    prediction), summed over the batch; or, with ``target`` (``hookviz.targets``),
+    its score of ``class_index`` (default: its first choice), such as a
+    segmentation class's logits over its pixels. The model runs in eval mode;
+    modes, parameters' ``.grad`` and the hook lists are restored afterwards, also
+    when the model fails.
     """
     # inference_mode(False): a caller's inference mode would forbid any tensor from requiring grad.
     with torch.inference_mode(False), torch.enable_grad(), preserved_state(model), hook_handles() as handles:
@@ -122,9 +129,18 @@ def trace_model(
         if x.is_floating_point():
             x.requires_grad_(True)  # the graph then reaches every module, even with frozen parameters
         recorder.attach()
-        logits = select_logits(run_model(model, x), output_key)
-        classes = _classes(logits, class_index)
-        score = logits[torch.arange(logits.shape[0], device=logits.device), classes].sum()
+        if target is None:
+            logits = select_logits(run_model(model, x), output_key)
+            classes = _classes(logits, class_index)
+            score = logits[torch.arange(logits.shape[0], device=logits.device), classes].sum()
+        else:
+            with target.hooked(model):
+                selected = target.select(run_model(model, x), output_key)
+            chosen = target.choose(selected.detach())[:, :1]
+            if class_index is not None:
+                chosen = torch.full_like(chosen, class_index)
+            classes = chosen[:, 0]
+            score = target.scores(selected, chosen).sum()
         input_gradient = _backward(model, score, x)
     return Trace(
         events=recorder.forward_events + recorder.backward_events,
