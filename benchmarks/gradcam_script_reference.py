@@ -1,5 +1,7 @@
 """The end-to-end reference for task 5: what a user writes with pytorch-grad-cam to do what
-``hookviz gradcam resnet50 --weights none DIR -o OUT`` does.
+``hookviz gradcam resnet50 --weights none DIR -o OUT`` does (or, with ``--model FILE.pt2 --layer NAME``,
+``hookviz gradcam FILE.pt2 DIR -l NAME -o OUT``: the program loaded with torch.export.load and unflattened,
+as a user must to hook one of its layers).
 
 Decode each photo with PIL (EXIF-oriented, RGB), resize the whole image to 224x224,
 normalize with ImageNet's mean/std, batch, run pytorch-grad-cam's GradCAM on
@@ -7,7 +9,7 @@ layer4[-1] for each image's top-1 class, resize the map to the photo's size,
 overlay it with show_cam_on_image and write a PNG with cv2.imwrite (as the
 pytorch-grad-cam README does). Prints each written path on stdout, like hookviz.
 
-    python benchmarks/gradcam_script_reference.py DIR -o OUT [--batch-size 8]
+    python benchmarks/gradcam_script_reference.py DIR -o OUT [--batch-size 8] [--model FILE.pt2 --layer NAME]
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def main() -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("-o", "--out-dir", type=Path, default=Path("out"))
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model", default="resnet50", help="resnet50 (random weights) or a .pt2 file")
+    parser.add_argument("--layer", default="layer4", help="the target layer's module name")
     args = parser.parse_args()
 
     import cv2
@@ -36,10 +40,16 @@ def main() -> None:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
+    if args.model.endswith(".pt2"):
+        model = torch.export.unflatten(torch.export.load(args.model))
+    else:
+        model = torchvision.models.resnet50(weights=None).eval()
+    target_layer = dict(model.named_modules())[args.layer]
     paths = sorted(p for p in args.directory.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
 
-    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+    if args.layer == "layer4":
+        target_layer = model.layer4[-1]  # what the pytorch-grad-cam README hooks
+    with GradCAM(model=model, target_layers=[target_layer]) as cam:
         for start in range(0, len(paths), args.batch_size):
             chunk = paths[start : start + args.batch_size]
             images = []
@@ -55,7 +65,7 @@ def main() -> None:
                 rgb = np.asarray(image, dtype=np.float32) / 255
                 heat = cv2.resize(heat, image.size, interpolation=cv2.INTER_LINEAR)
                 picture = show_cam_on_image(rgb, heat, use_rgb=True)
-                target = args.out_dir / path.stem / f"gradcam_layer4_c{class_index}.png"
+                target = args.out_dir / path.stem / f"gradcam_{args.layer}_c{class_index}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(target), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
                 print(target, flush=True)

@@ -237,12 +237,13 @@ class _Pictures:
         return _Shown(href, local, wanted)
 
     def output(self, recorded: str) -> _Shown:
-        """An output PNG: always DIR/<folder>/<name>, so look there first (the folder may have moved since)."""
+        """An output picture (PNG, JPEG, WebP): always DIR/<folder>/<name>, so look there first (the folder may
+        have moved since). Its thumbnail is a PNG named after it (``name.jpg.png`` for a JPEG)."""
         path = Path(recorded)
         in_place = self.out_dir / path.parent.name / path.name
         if _plain_name(path.parent.name) and in_place.is_file():
             relative = f"{path.parent.name}/{path.name}"
-            thumb = f"{THUMBNAILS}/{relative}"
+            thumb = f"{THUMBNAILS}/{relative}" + ("" if path.suffix.lower() == ".png" else ".png")
             wanted = _Wanted(in_place, self.out_dir / thumb, _url(thumb), _text(relative), portable=False)
             return _Shown(_url(relative), in_place, wanted)
         href, local = self.file(recorded)

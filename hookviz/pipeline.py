@@ -2,8 +2,10 @@
 
 Three stages overlap so the model is rarely idle: images are decoded and
 preprocessed ahead of time (in DataLoader worker processes with ``workers > 0``),
-the model runs one batch at a time in the calling thread, and a writer thread
-renders and encodes the previous batch's PNGs (torch ops and zlib release the GIL).
+the model runs one batch at a time in the calling thread, and writer threads
+render and encode the previous batch's pictures, one image per task (Pillow,
+zlib, libjpeg and libwebp release the GIL). One writer thread on 2 cores, where
+torch's own threads take both; one per core beyond the first, up to 4, elsewhere.
 
 A command plugs in as a ``Job``: ``compute`` runs the model on a batch,
 ``write`` turns one image's part of the result into files and a ``Record``.
@@ -17,6 +19,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
@@ -30,13 +33,16 @@ import torch
 from .errors import InputError, shown
 from .images import ModelView, image_to_tensor, load_image, model_view, preprocess
 from .models import LoadedModel
+from .output import CLOCK
 from .preprocessing import Preprocessing
 
-WRITES_IN_FLIGHT = 2
+WRITES_IN_FLIGHT = 2  # batches handed to the writers and not yet reported; bounds memory
+MAX_WRITERS = 4
+WRITERS_VARIABLE = "HOOKVIZ_WRITERS"  # the number of writer threads, to measure other settings than the default
 # Pictures are drawn at the photo's own resolution up to this many pixels (4096 x 4096): beyond it a picture costs
 # memory and disk (a 64-megapixel overlay took 5 GB) without showing the viewer more. A long thin strip is not
 # reduced: it is small however long it is.
-MAX_PICTURE_AREA = 4096 * 4096  # batches handed to the writer and not yet reported; bounds memory
+MAX_PICTURE_AREA = 4096 * 4096
 
 
 @dataclass
@@ -103,17 +109,58 @@ class Job(Protocol):
 
 @dataclass
 class Timings:
-    """Where a run spent its time, in seconds (shown with -v)."""
+    """Where a run spent its time, in seconds (shown with -v).
+
+    ``model`` and ``waiting_for_images`` are spans of the calling thread; ``decode`` is decoding and
+    preprocessing done in this process (none with decoding workers); ``render``, ``encode`` and ``write``
+    are summed over the writer threads, which overlap the model.
+    """
 
     waiting_for_images: float = 0.0
     model: float = 0.0
-    writing: float = 0.0  # in the writer thread, overlapping the other two
+    decode: float = 0.0
+    render: float = 0.0  # drawing the pictures (writer threads)
+    encode: float = 0.0  # PNG/JPEG/WebP encoding (writer threads)
+    write: float = 0.0  # writing the files (writer threads)
+    writers: int = 1
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def writing(self) -> float:
+        """Everything the writer threads did: rendering, encoding and writing."""
+        return self.render + self.encode + self.write
+
+    def add_written(self, render: float, encode: float, write: float) -> None:
+        with self.lock:
+            self.render += render
+            self.encode += encode
+            self.write += write
 
     def as_text(self) -> str:
+        decoded = f"decoding {self.decode:.2f} s, " if self.decode else ""
+        threads = f"{self.writers} writer thread{'s' if self.writers != 1 else ''}"
         return (
-            f"model {self.model:.1f} s, waiting for decoded images {self.waiting_for_images:.1f} s, "
-            f"rendering and writing {self.writing:.1f} s (in the background)"
+            f"model {self.model:.2f} s, {decoded}waiting for decoded images {self.waiting_for_images:.2f} s; "
+            f"in the background ({threads}): rendering {self.render:.2f} s, encoding {self.encode:.2f} s, "
+            f"writing files {self.write:.2f} s"
         )
+
+    def as_json(self) -> dict[str, float | int]:
+        names = ("model", "decode", "waiting_for_images", "render", "encode", "write", "writers")
+        return {name: round(getattr(self, name), 4) for name in names}
+
+
+def writer_threads() -> int:
+    """Writer threads for a run: ``HOOKVIZ_WRITERS`` if set, else one per core beyond the first, 1 to 4.
+
+    Measured on 2 cores (benchmarks/RESULTS.md, task 5b, 256 photos): 17.3 images/s with one writer thread,
+    18.0 with two; the model bounds the run once torch's idle threads stop spinning (hookviz.cli sets
+    OMP_WAIT_POLICY=PASSIVE), so the default stays at one there.
+    """
+    value = os.environ.get(WRITERS_VARIABLE, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return min(int(value), 32)
+    return max(1, min(MAX_WRITERS, (os.cpu_count() or 1) - 1))
 
 
 def prepare_image(
@@ -142,16 +189,20 @@ class _PreparedImages(torch.utils.data.Dataset):
         self, inputs: Sequence[tuple[Path, str]], preprocessing: Preprocessing, crop: bool, max_pixels: int | None
     ):
         self.inputs, self.preprocessing, self.crop, self.max_pixels = list(inputs), preprocessing, crop, max_pixels
+        self.decode_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, index: int) -> PreparedImage | Record:
         path, stem = self.inputs[index]
+        started = time.perf_counter()
         try:
             prepared = prepare_image(path, stem, self.preprocessing, self.crop, self.max_pixels)
         except InputError as exc:
             return Record(input=str(path), status="error", error=str(exc))
+        finally:
+            self.decode_seconds += time.perf_counter() - started  # in a worker process: that process's copy
         if torch.utils.data.get_worker_info() is not None:
             # In a worker process, send arrays by value: a tensor would travel as a file descriptor through a
             # helper thread that prints a traceback when Ctrl-C interrupts the main process mid-transfer.
@@ -192,11 +243,18 @@ def prepared_images(
     workers: int = 0,
     prefetch: int = 8,
     max_pixels: int | None = None,
+    timings: Timings | None = None,
 ) -> Generator[PreparedImage | Record, None, None]:
-    """Each input decoded and preprocessed, in input order; ``workers`` > 0 does it in background processes."""
+    """Each input decoded and preprocessed, in input order; ``workers`` > 0 does it in background processes.
+    ``timings.decode`` gains the time spent decoding in this process."""
     dataset = _PreparedImages(inputs, preprocessing, crop, max_pixels)
     if workers <= 0 or len(dataset) == 0:
-        yield from (dataset[i] for i in range(len(dataset)))
+        for i in range(len(dataset)):
+            before = dataset.decode_seconds
+            item = dataset[i]
+            if timings is not None:
+                timings.decode += dataset.decode_seconds - before
+            yield item
         return
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -220,6 +278,7 @@ def image_batches(
     batch_size: int = 8,
     workers: int = 0,
     max_pixels: int | None = None,
+    timings: Timings | None = None,
 ) -> Generator[list[PreparedImage | Record], None, None]:
     """The inputs in batches of ``batch_size``, in input order: each a prepared image, or the record of its failure.
 
@@ -228,7 +287,13 @@ def image_batches(
     if loaded.fixed_batch is not None:
         batch_size = min(batch_size, loaded.fixed_batch)
     images = prepared_images(
-        inputs, loaded.preprocessing, crop=crop, workers=workers, prefetch=batch_size, max_pixels=max_pixels
+        inputs,
+        loaded.preprocessing,
+        crop=crop,
+        workers=workers,
+        prefetch=batch_size,
+        max_pixels=max_pixels,
+        timings=timings,
     )
     slots: list[PreparedImage | Record] = []
     try:
@@ -253,21 +318,25 @@ def run_job(
     workers: int = 0,
     max_pixels: int | None = None,
     timings: Timings | None = None,
+    writers: int | None = None,
 ) -> Generator[Record, None, None]:
     """Run ``job`` over ``inputs`` ((path, output stem) pairs); yield one record per input, in input order.
 
-    Stopping early (``close()``, Ctrl-C) waits for the image being written and drops the rest:
-    every file is written atomically, so nothing half-written is left.
+    Stopping early (``close()``, Ctrl-C) waits for the images being written and drops the rest:
+    every file is written atomically, so nothing half-written is left. ``writers``: writer threads
+    (default ``writer_threads()``).
     """
     timings = timings if timings is not None else Timings()
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookviz-writer")
-    in_flight: deque[tuple[list[PreparedImage | Record], Future[list[Record]]]] = deque()
+    timings.writers = writers if writers is not None else writer_threads()
+    pool = ThreadPoolExecutor(max_workers=timings.writers, thread_name_prefix="hookviz-writer")
+    in_flight: deque[tuple[list[PreparedImage | Record], list[Future[Record]]]] = deque()
 
-    def write_batch(prepared: list[PreparedImage], result: Any) -> list[Record]:
-        started = time.perf_counter()
-        records = [_write_one(job, item, index, result) for index, item in enumerate(prepared)]
-        timings.writing += time.perf_counter() - started
-        return records
+    def write_one(item: PreparedImage, index: int, result: Any) -> Record:
+        started, encode, write = time.perf_counter(), CLOCK.encode, CLOCK.write
+        record = _write_one(job, item, index, result)
+        encoded, written = CLOCK.encode - encode, CLOCK.write - write
+        timings.add_written(time.perf_counter() - started - encoded - written, encoded, written)
+        return record
 
     def submit(slots: list[PreparedImage | Record]) -> None:
         prepared = [slot for slot in slots if isinstance(slot, PreparedImage)]
@@ -276,16 +345,24 @@ def run_job(
             started = time.perf_counter()
             result = job.compute(prepared)
             timings.model += time.perf_counter() - started
-        in_flight.append((slots, writer.submit(write_batch, prepared, result)))
+        in_flight.append((slots, [pool.submit(write_one, item, index, result) for index, item in enumerate(prepared)]))
 
     def report(wait: bool) -> Iterator[Record]:
-        while in_flight and (wait or len(in_flight) > WRITES_IN_FLIGHT or in_flight[0][1].done()):
-            batch_slots, future = in_flight.popleft()
-            written = iter(future.result())
+        while in_flight and (wait or len(in_flight) > WRITES_IN_FLIGHT or all(f.done() for f in in_flight[0][1])):
+            batch_slots, futures = in_flight.popleft()
+            written = iter(futures)
             for slot in batch_slots:
-                yield next(written) if isinstance(slot, PreparedImage) else slot
+                yield next(written).result() if isinstance(slot, PreparedImage) else slot
 
-    batches = image_batches(inputs, loaded, crop=crop, batch_size=batch_size, workers=workers, max_pixels=max_pixels)
+    batches = image_batches(
+        inputs,
+        loaded,
+        crop=crop,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        timings=timings,
+    )
     try:
         while True:
             started = time.perf_counter()
@@ -297,9 +374,10 @@ def run_job(
             yield from report(wait=False)
         yield from report(wait=True)
     finally:
-        for _, future in in_flight:
-            future.cancel()
-        writer.shutdown(wait=True)
+        for _, futures in in_flight:
+            for future in futures:
+                future.cancel()
+        pool.shutdown(wait=True)
         batches.close()
 
 

@@ -1,7 +1,8 @@
 """Tensors to pictures: colormaps by lookup table, heat overlays, captions.
 
-Everything stays in torch and PIL (RGB); matplotlib is used only to read a
-colormap's 256 colours once.
+Overlays are drawn in one pass at the photo's resolution with 8-bit arithmetic in Pillow (the map upsampled,
+looked up in a 256-colour table, composited over the photo); the common colormaps' tables ship with hookviz
+(hookviz.colormaps), so matplotlib is imported only for another colormap name.
 """
 
 from __future__ import annotations
@@ -9,25 +10,42 @@ from __future__ import annotations
 import math
 from functools import cache, lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .colormaps import BUILT_IN, builtin_table
 from .errors import UsageError, did_you_mean
+
+UNSEEN_DIMMING = 0.35  # what shows of the photo outside the part the model saw (--crop)
 
 
 @cache
 def colormap_lut(name: str) -> torch.Tensor:
-    """A matplotlib colormap as a (256, 3) uint8 lookup table."""
-    import matplotlib
+    """A matplotlib colormap as a (256, 3) uint8 lookup table (built-in tables need no matplotlib)."""
+    return torch.frombuffer(bytearray(colormap_palette(name)), dtype=torch.uint8).view(256, 3)
 
+
+@cache
+def colormap_palette(name: str) -> bytes:
+    """A colormap's 256 RGB colours as 768 bytes (a Pillow palette)."""
+    table = builtin_table(name)
+    if table is not None:
+        return table
+    try:
+        import matplotlib
+    except ImportError:  # matplotlib is a dependency, but a trimmed install may lack it
+        raise UsageError(
+            f"colormap {name!r} needs matplotlib (pip install matplotlib); built in: {', '.join(BUILT_IN)}"
+        ) from None
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError:
         hint = did_you_mean(name, list(matplotlib.colormaps))
         raise UsageError(f"unknown colormap {name!r}" + (hint or "; see matplotlib's colormap names")) from None
-    rgba = cmap([i / 255 for i in range(256)])
-    return (torch.tensor(rgba[:, :3]) * 255).round().to(torch.uint8)
+    rgba = np.asarray(cmap([i / 255 for i in range(256)]))
+    return (rgba[:, :3] * 255).round().astype(np.uint8).tobytes()
 
 
 def apply_colormap(values: torch.Tensor, cmap: str) -> torch.Tensor:
@@ -85,12 +103,91 @@ def heat_in_image(
 def overlay(
     image: torch.Tensor, heat: torch.Tensor, *, alpha: float = 0.5, cmap: str = "jet", seen: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Blend a heatmap (H, W) in [0, 1] over an RGB uint8 image (3, H, W); dim what the model did not see."""
-    colours = apply_colormap(heat, cmap).float()
-    blended = image.float() * (1 - alpha) + colours * alpha
+    """Blend a heatmap (H, W) in [0, 1] over an RGB uint8 image (3, H, W); dim what the model did not see.
+
+    8-bit arithmetic (see ``overlay_picture``): within one intensity level of the float blend.
+    """
+    picture = _composited(to_pil(image), _heat_index(heat), alpha, cmap, opacity_from_heat=False)
+    blended = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
     if seen is not None and not bool(seen.all()):
-        blended = torch.where(seen, blended, image.float() * 0.35)
-    return blended.round().clamp(0, 255).to(torch.uint8)
+        blended = torch.where(seen, blended, _dimmed(image))
+    return blended
+
+
+def overlay_picture(
+    pixels: torch.Tensor,
+    heat: torch.Tensor,
+    box: tuple[float, float, float, float],
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    opacity_from_heat: bool = False,
+) -> Image.Image:
+    """A heat overlay at the photo's resolution, in one pass: what ``overlay(pixels, *heat_in_image(...))`` draws.
+
+    ``heat`` is the (h, w) map in [0, 1] at the model's resolution, covering ``box`` (left, top, right, bottom)
+    of the photo ``pixels`` (3, H, W) uint8. The map is upsampled bilinearly onto the box's pixels (pixel centres
+    aligned, as ``resize_map``), turned into colour-table indices and composited over the photo as 8-bit integers
+    (Pillow's rounded division by 255): no float image of the photo's size is ever made. ``alpha`` is the heat's
+    opacity; with ``opacity_from_heat`` each pixel's opacity is ``alpha`` times its heat (the photo shows as it is
+    where there is none). The photo outside the box (what the model did not see) is dimmed.
+    """
+    photo = to_pil(pixels)
+    width, height = photo.size
+    left, top, right, bottom = box
+    if (left, top, right, bottom) == (0.0, 0.0, float(width), float(height)):
+        return _composited(photo, _upsampled_index(heat, (width, height)), alpha, cmap, opacity_from_heat)
+    box_w, box_h = max(1, round(right - left)), max(1, round(bottom - top))
+    x0, y0 = round(left), round(top)
+    xs0, ys0 = max(0, x0), max(0, y0)
+    xs1, ys1 = min(width, x0 + box_w), min(height, y0 + box_h)
+    picture = photo.point(lambda value: int(value * UNSEEN_DIMMING + 0.5))
+    if xs1 > xs0 and ys1 > ys0:
+        index = _upsampled_index(heat, (box_w, box_h)).crop((xs0 - x0, ys0 - y0, xs1 - x0, ys1 - y0))
+        seen = _composited(photo.crop((xs0, ys0, xs1, ys1)), index, alpha, cmap, opacity_from_heat)
+        picture.paste(seen, (xs0, ys0))
+    return picture
+
+
+def _upsampled_index(heat: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """A (h, w) map in [0, 1] resized to ``size`` (width, height) as colour-table indices 0..255 (mode L)."""
+    width, height = size
+    heat = heat.detach().float().cpu()
+    if width >= heat.shape[1] and height >= heat.shape[0]:
+        # Pillow's bilinear upsampling samples at the same positions as resize_map (align_corners=False) and
+        # releases the GIL; torch would start its own threads in the writer threads.
+        values = Image.fromarray(heat.contiguous().numpy(), mode="F").resize(size, Image.Resampling.BILINEAR)
+    else:  # a map larger than its box: Pillow would filter (antialias) where resize_map samples
+        values = Image.fromarray(resize_map(heat, (height, width)).numpy(), mode="F")
+    return _index_of(values)
+
+
+def _heat_index(heat: torch.Tensor) -> Image.Image:
+    """A (H, W) map in [0, 1] as colour-table indices 0..255 (mode L)."""
+    return _index_of(Image.fromarray(heat.detach().float().cpu().contiguous().numpy(), mode="F"))
+
+
+def _index_of(values: Image.Image) -> Image.Image:
+    # round(v * 255), clipped to 0..255: Pillow's float-to-8-bit conversion clips and truncates.
+    return values.point(lambda v: v * 255 + 0.5).convert("L")
+
+
+def _composited(
+    photo: Image.Image, index: Image.Image, alpha: float, cmap: str, opacity_from_heat: bool
+) -> Image.Image:
+    """Colour-table indices (L) coloured by ``cmap`` and composited over ``photo`` with opacity ``alpha``."""
+    colours = index.copy()
+    colours.putpalette(colormap_palette(cmap))
+    opacity = max(0, min(255, round(alpha * 255)))
+    if opacity_from_heat:
+        mask = index.point([round(opacity * level / 255) for level in range(256)])
+    else:
+        mask = Image.new("L", photo.size, opacity)
+    return Image.composite(colours.convert("RGB"), photo, mask)
+
+
+def _dimmed(image: torch.Tensor) -> torch.Tensor:
+    return (image.float() * UNSEEN_DIMMING).round().to(torch.uint8)
 
 
 @lru_cache(maxsize=16)
