@@ -278,6 +278,8 @@ class EvaluateJob:
                 probabilities=probabilities,
                 seed=options.seed,
             )
+            # Both curves even when one metric was asked for: the per-image PNG shows them side by side.
+            assert curves.deletion is not None and curves.insertion is not None
             result.fractions = curves.fractions
             result.deletion, result.insertion = shaped(curves.deletion), shaped(curves.insertion)
             if "deletion" in metrics:

@@ -7,6 +7,7 @@ stop-at-the-layer forward pass, on the pictures as they are written (8-bit PNG).
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,46 @@ def test_neuron_maximizes_the_centre_of_the_map(nets):
     assert result.activations == pytest.approx([float(maps[0, 1, 8, 8]), float(maps[1, 4, 8, 8])], abs=1e-2)
 
 
+def test_pictures_do_not_depend_on_how_many_share_a_forward_pass(nets, monkeypatch):
+    """On a CPU the pictures of a batch go through the model a few at a time (in channels-last memory order): one
+    picture per forward pass gives the pictures the whole batch in one pass gives."""
+    model, preprocessing = nets.build_tinynet(), default_preprocessing((32, 32))
+    whole = visualize_channels(model, "conv2", [0, 1, 2, 3], preprocessing=preprocessing, settings=Settings(steps=3))
+    monkeypatch.setattr(filters, "CPU_CHUNK_PIXELS", 32 * 32)  # one picture per forward pass
+    assert filters.forward_chunk((32, 32), torch.device("cpu")) == 1
+    single = visualize_channels(model, "conv2", [0, 1, 2, 3], preprocessing=preprocessing, settings=Settings(steps=3))
+    torch.testing.assert_close(single.images, whole.images, atol=1e-4, rtol=0)
+    assert single.activations == pytest.approx(whole.activations, abs=1e-4)
+    # A .pt2 that takes exactly N inputs gets whole multiples of N (fewer would be padded); a GPU takes the batch.
+    assert filters.forward_chunk((8, 8), torch.device("cpu")) == 16  # 32 x 32 pixels per pass
+    assert filters.forward_chunk((8, 8), torch.device("cpu"), fixed_batch=3) == 15
+    assert filters.forward_chunk((32, 32), torch.device("cpu"), fixed_batch=3) == 3
+    assert filters.forward_chunk((32, 32), torch.device("cuda")) is None
+
+
+class FlattensItsInput(nn.Module):
+    """A model that ``view``s its input as rows: it cannot take a channels-last tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_a_model_that_cannot_take_channels_last_inputs_gets_contiguous_ones():
+    torch.manual_seed(0)
+    model = FlattensItsInput().eval()
+    with pytest.raises(RuntimeError, match="view"):
+        model(torch.rand(1, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    result = visualize_channels(
+        model, "fc", [2, 5], preprocessing=default_preprocessing((32, 32)), settings=Settings(steps=4)
+    )
+    reached = hooked_output(model, "fc", as_input(result.images))  # (2, 8)
+    assert result.activations == pytest.approx([float(reached[0, 2]), float(reached[1, 5])], abs=0.05)
+
+
 # --- layers of every kind --------------------------------------------------------------------------------------------
 
 
@@ -241,6 +282,65 @@ def test_default_channels_are_the_most_active_on_the_images(project: Path, nets)
     # Without images: the first channels in order.
     result = hookviz("filters", *TINY, "-l", "conv2", "--steps", 1, "-o", project / "plain", "--json")
     assert [r["channel"] for r in json_lines(result.stdout)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_images_with_chosen_channels_give_each_channel_its_natural_maximum(project: Path, nets):
+    photos = [SAMPLES / "rocket.jpg", SAMPLES / "chelsea_cat.png"]
+    result = hookviz("filters", *TINY, *photos, "-l", "conv2", "-f", "3,0", "--steps", 2, "-o", project, "--json")
+    assert result.exit_code == 0, result.stderr
+    batch = torch.stack([preprocess(load_image(p), default_preprocessing((32, 32))) for p in photos])
+    means = hooked_output(nets.build_tinynet(), "conv2", batch).mean(dim=(2, 3))  # (photos, channels)
+    records = json_lines(result.stdout)
+    assert [r["channel"] for r in records] == [3, 0]  # -f picks the channels, the images still count
+    assert [r["natural_max"] for r in records] == pytest.approx([float(means[:, 3].max()), float(means[:, 0].max())])
+    # Without images there is nothing to compare with.
+    plain = hookviz("filters", *TINY, "-l", "conv2", "-f", "3", "--steps", 1, "-o", project / "plain", "--json")
+    assert "natural_max" not in json_lines(plain.stdout)[0]
+
+
+def test_the_natural_maximum_is_far_below_what_the_pictures_reach_on_the_demo_model(project: Path, demo_model: Path):
+    result = hookviz("filters", demo_model, SAMPLES, "-l", "_blocks.3", "-f", "2,11", "--steps", 24, "-o", project,
+                     "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    records = json_lines(result.stdout)
+    for record in records:  # (a layer without an activation function: a natural maximum may be negative)
+        assert record["activation"] > record["natural_max"] + max(5.0, abs(record["natural_max"]))
+    assert "_blocks.3: 2 channel(s) in" in result.stderr
+    assert "s; 2 of 2 channel(s) beyond the images' maximum" in result.stderr
+
+
+def test_html_gallery_shows_each_grid_and_each_channel_beside_other_runs(project: Path):
+    out = project / "out"
+    photo = SAMPLES / "rocket.jpg"
+    assert hookviz("gradcam", *TINY, photo, "-o", out, "--html", "-q").exit_code == 0
+    result = hookviz("filters", *TINY, photo, "-l", "conv2", "-l", "conv1", "-f", "1,3", "--steps", 2,
+                     "-o", out, "--html", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    records = json_lines(result.stdout)
+    # --html implies one picture per channel: the page links each of them.
+    assert [Path(r["image"]).name for r in records] == [
+        "filters_conv2_c1.png",
+        "filters_conv2_c3.png",
+        "filters_conv1_c1.png",
+        "filters_conv1_c3.png",
+    ]
+    page = (out / "index.html").read_text()
+    for name in ("filters_conv2.png", "filters_conv1.png", *(Path(r["image"]).name for r in records)):
+        assert f'href="{name}"' in page
+    assert f"channel 3: {records[1]['activation']:.4g} (images at most {records[1]['natural_max']:.4g})" in page
+    assert "rocket.jpg" in page  # the gradcam run's card is still there
+    commands = [
+        e["command"] for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines()) if "command" in e
+    ]
+    assert commands == ["gradcam", "filters"]
+    assert f"gallery: {out / 'index.html'}" in result.stderr
+
+
+def test_html_gallery_of_classes(project: Path):
+    result = hookviz("filters", *TINY, "-c", "1", "-c", "3", "--steps", 2, "-o", project, "--html", "-q")
+    assert result.exit_code == 0, result.stderr
+    page = (project / "index.html").read_text()
+    assert 'href="classes.png"' in page and 'href="class_1_class_1.png"' in page and "p = 0." in page
 
 
 def test_layer_names_unsafe_in_a_path_get_distinct_safe_file_names(project: Path):

@@ -247,3 +247,64 @@ def test_sanity_check_leaves_the_model_as_it_was(resnet18_10: nn.Module) -> None
 def test_unknown_metric_names_close_matches() -> None:
     with pytest.raises(metrics.UsageError, match=r"^unknown metric 'delet'; did you mean deletion\?$"):
         metrics.check_metrics(["delet"])
+
+
+class FlattensItsInput(nn.Module):
+    """A classifier that ``view``s its input as rows: it cannot take a channels-last tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_scorer_runs_channels_last_and_falls_back_for_a_model_that_cannot(resnet18_10: nn.Module) -> None:
+    """The scorer feeds image batches in channels-last memory order (faster convolutions on a CPU): the
+    probabilities are those of ordinary inputs to float32 precision, and a model that cannot take such a
+    tensor gets ordinary ones."""
+    inputs = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+    scorer = Scorer(resnet18_10, chunk=2)
+    with torch.no_grad():
+        expected = resnet18_10(inputs).softmax(dim=1)
+    torch.testing.assert_close(scorer.all_probabilities(inputs), expected, atol=1e-6, rtol=0)
+    assert scorer.channels_last is True
+
+    torch.manual_seed(0)
+    flat = FlattensItsInput().eval()
+    small = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    with pytest.raises(RuntimeError, match="view"):
+        flat(small.contiguous(memory_format=torch.channels_last))
+    scorer = Scorer(flat)
+    classes = torch.tensor([0, 4, 2, 2])
+    with torch.no_grad():
+        expected = flat(small).softmax(dim=1).gather(1, classes[:, None])[:, 0]
+    torch.testing.assert_close(scorer.probabilities(small, classes), expected)
+    assert scorer.channels_last is False
+
+
+def test_only_the_curves_asked_for_cost_forward_passes(case) -> None:
+    model, inputs, maps, classes = case
+    scored: list[int] = []
+
+    class Counting(Scorer):
+        def probabilities(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            scored.append(inputs.shape[0])
+            return super().probabilities(inputs, classes)
+
+        def all_probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+            scored.append(inputs.shape[0])
+            return super().all_probabilities(inputs)
+
+    both = deletion_insertion(Counting(model), inputs, maps, classes, steps=5)
+    images, maps_per_image = classes.shape
+    assert sum(scored) == 2 * images + images * maps_per_image * 4 * 2  # unchanged + blurred, 4 interior points x 2
+    scored.clear()
+    deletion = deletion_insertion(Counting(model), inputs, maps, classes, steps=5, curves=["deletion"])
+    assert sum(scored) == 2 * images + images * maps_per_image * 4
+    assert deletion.insertion is None and both.deletion is not None and deletion.deletion is not None
+    torch.testing.assert_close(deletion.deletion, both.deletion, atol=1e-6, rtol=0)
+    scored.clear()
+    numbers = metrics.map_scores(Counting(model), inputs, maps, classes, ["insertion"], steps=5)
+    assert sorted(numbers) == ["insertion"] and sum(scored) == 2 * images + images * maps_per_image * 4

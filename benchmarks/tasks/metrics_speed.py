@@ -5,16 +5,23 @@ ROADLeastRelevantFirstAverage (ROAD; torchcam has none). Target: hookviz at leas
 
 Every tool scores the same input tensors, the same maps (hookviz's Grad-CAM at layer4, upsampled) and the same
 classes with the softmax probability; the removed pixels' value for deletion/insertion is the same blurred copy.
+
+Memory: each case's peak resident memory above the process's memory just before it (VmHWM reset through
+/proc/self/clear_refs after glibc's free memory is handed back with malloc_trim), in the same process as the
+timings; both tools run 32 inputs per forward pass, so both are bounded by the chunk, not by the steps or images.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torchvision
-from common import SEED, interleaved, log
+from common import SEED, interleaved, log, proc_status
 
 from tasks import Context
 
@@ -31,6 +38,29 @@ def _inputs(ctx: Context, count: int, size: int) -> torch.Tensor:
     return torch.stack([preprocess(load_image(path), preprocessing) for path in ctx.photos[:count]])
 
 
+def _peak_memory(case: Callable[[], Any]) -> Callable[[], dict[str, int] | None]:
+    """``case`` returning its peak resident memory above the resident memory before it (None where /proc cannot
+    reset the peak)."""
+
+    def measured() -> dict[str, int] | None:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+        except OSError:
+            case()
+            return None
+        before = proc_status()["VmRSS"]
+        case()
+        return {"peak_above_start": proc_status()["VmHWM"] - before, "start": before}
+
+    return measured
+
+
 def run(ctx: Context) -> dict[str, Any]:
     from hookviz import metrics
     from hookviz.cams import compute_cams
@@ -43,9 +73,14 @@ def run(ctx: Context) -> dict[str, Any]:
     maps = metrics.input_maps(cams.maps, (size, size))  # (B, 1, H, W): every tool gets these
     classes = cams.classes
 
+    last: dict[str, Any] = {}  # each tool's results of its last timed run, for the agreement below
+
     def hookviz_metrics() -> dict[str, torch.Tensor]:
         scorer = metrics.Scorer(model, chunk=CHUNK)
-        return metrics.map_scores(scorer, inputs, maps, classes, ["deletion", "insertion", "road"], steps=STEPS)
+        last["hookviz"] = metrics.map_scores(
+            scorer, inputs, maps, classes, ["deletion", "insertion", "road"], steps=STEPS
+        )
+        return last["hookviz"]
 
     def references() -> dict[str, Any]:
         from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
@@ -75,7 +110,8 @@ def run(ctx: Context) -> dict[str, Any]:
         with torch.no_grad():
             morf = ROADMostRelevantFirstAverage(PERCENTILES)(inputs, heat, targets, model)
             lerf = ROADLeastRelevantFirstAverage(PERCENTILES)(inputs, heat, targets, model)
-        return {"deletion_insertion": deletion_insertion.summary(), "morf": morf, "lerf": lerf}
+        last["references"] = {"deletion_insertion": deletion_insertion.summary(), "morf": morf, "lerf": lerf}
+        return last["references"]
 
     with torch.inference_mode():  # the first forward passes of a batch shape are slow: neither tool pays them
         model(inputs)
@@ -83,14 +119,13 @@ def run(ctx: Context) -> dict[str, Any]:
     log(
         f"metrics: deletion+insertion ({STEPS} steps) + ROAD (9 percentiles) of Grad-CAM, resnet50, {len(inputs)} photos"
     )
-    series = interleaved(  # the cases' results stay out of the JSON (tensors)
-        {"hookviz": lambda: hookviz_metrics() and None, "torchcam + pytorch-grad-cam": lambda: references() and None},
+    series = interleaved(  # the cases' results stay out of the JSON (tensors); their peak memory goes in
+        {"hookviz": _peak_memory(hookviz_metrics), "torchcam + pytorch-grad-cam": _peak_memory(references)},
         ctx.heavy_reps,
         warmup=0,
         label="metrics",
     )
-    ours = hookviz_metrics()
-    theirs = references()
+    ours, theirs = last["hookviz"], last["references"]
     agreement = {
         "deletion": abs(float(ours["deletion"].mean()) - theirs["deletion_insertion"]["deletion_auc"]),
         "insertion": abs(float(ours["insertion"].mean()) - theirs["deletion_insertion"]["insertion_auc"]),
@@ -108,14 +143,20 @@ def markdown(result: dict[str, Any]) -> str:
     ours = tools["hookviz"]["median"]
     theirs = tools["torchcam + pytorch-grad-cam"]["median"]
     ratio = theirs / ours if ours else float("nan")
+
+    def peak(name: str) -> str:
+        measured = [e["peak_above_start"] for e in tools[name].get("extra") or [] if isinstance(e, dict)]
+        return f"{max(measured) / 2**20:.0f} MiB" if measured else "n/a"
+
     lines = [
         f"### Metrics: deletion + insertion + ROAD of Grad-CAM maps, resnet50, {result['images']} photos at "
         f"{result['size']} px",
         "",
-        "| tool | median s | vs hookviz |",
-        "|---|---:|---:|",
-        f"| hookviz (`metrics.map_scores`) | {ours:.1f} | 1.00x |",
-        f"| torchcam DeletionInsertionMetric + pytorch-grad-cam ROAD averages | {theirs:.1f} | {ratio:.2f}x |",
+        "| tool | median s | vs hookviz | peak memory above start |",
+        "|---|---:|---:|---:|",
+        f"| hookviz (`metrics.map_scores`) | {ours:.1f} | 1.00x | {peak('hookviz')} |",
+        f"| torchcam DeletionInsertionMetric + pytorch-grad-cam ROAD averages | {theirs:.1f} | {ratio:.2f}x | "
+        f"{peak('torchcam + pytorch-grad-cam')} |",
         "",
         f"Mean deletion/insertion areas differ from torchcam's by {result['agreement']['deletion']:.1e} / "
         f"{result['agreement']['insertion']:.1e} (tie order of equal map values aside). "

@@ -72,6 +72,12 @@ IMAGE_BATCH = 8  # images per forward pass when IMAGES choose the channels
     help="Pictures optimized at once (memory grows with it).",
 )
 @click.option("--save-each", is_flag=True, help="Also write one PNG per channel (or class).")
+@click.option(
+    "--html",
+    is_flag=True,
+    help="Also write DIR/index.html, a gallery of each grid and each channel's (or class's) picture "
+    "(implies --save-each).",
+)
 @out_dir_option("Output directory: DIR/filters_<layer>.png, or DIR/classes.png with --class.")
 @overwrite_option("Replace existing outputs (without it, existing outputs are an error).")
 @json_option("Print one JSON object per channel (or class) on stdout (JSON Lines).")
@@ -91,6 +97,7 @@ def filters(
     seed: int,
     batch_size: int,
     save_each: bool,
+    html: bool,
     out_dir: Path,
     overwrite: bool,
     as_json: bool,
@@ -103,8 +110,9 @@ def filters(
     seen at each step through a random shift, scale and rotation (as lucid and lucent do),
     so they show textures and object parts instead of noise. The picture's size is the
     model's input size (--size). With --class, each picture maximizes a class score
-    instead (Simonyan et al., 2014). IMAGES, if given, choose the channels: the most
-    active on them.
+    instead (Simonyan et al., 2014). IMAGES, if given, choose the channels (the most
+    active on them; with -f, the listed ones) and give each channel's maximum over them,
+    the natural_max of the JSON records: what the picture's activation is to be compared with.
 
     \b
     Examples:
@@ -112,6 +120,7 @@ def filters(
       hookviz filters resnet18 sample_images/ -l layer2 --steps 8      # the 16 most active channels on the photos
       hookviz filters resnet18 -l layer3 -f 0-7,42 --steps 8 --save-each --json | jq .activation
       hookviz filters out/efficientnet_lite0.pt2 --labels imagenet -c tabby -c goldfish --steps 24
+      hookviz filters out/efficientnet_lite0.pt2 sample_images/ -l _blocks.6 -f 0-7 --html -o filters
     """
     from ..errors import UsageError
     from ..filters import Settings
@@ -124,13 +133,30 @@ def filters(
         raise UsageError("--class draws whole classes: drop -f, --neuron and IMAGES")
     settings = Settings(steps=steps, lr=lr, jitter=jitter, seed=seed, batch_size=batch_size)
     loaded = load(model, model_args, quiet)
+    gallery = _Gallery(loaded, settings) if html else None
+    save_each = save_each or html
     if class_values:
         labels_given = model_args.labels is not None
-        _draw_classes(loaded, class_values, labels_given, settings, out_dir, save_each, overwrite, as_json, quiet)
+        _draw_classes(
+            loaded, class_values, labels_given, settings, out_dir, save_each, overwrite, as_json, quiet, gallery
+        )
     else:
         _draw_layers(
-            loaded, layer_names, images, channels, neuron, settings, out_dir, save_each, overwrite, as_json, quiet
+            loaded,
+            layer_names,
+            images,
+            channels,
+            neuron,
+            settings,
+            out_dir,
+            save_each,
+            overwrite,
+            as_json,
+            quiet,
+            gallery,
         )
+    if gallery is not None:
+        gallery.write(out_dir, quiet)
 
 
 def _draw_layers(
@@ -145,6 +171,7 @@ def _draw_layers(
     overwrite: bool,
     as_json: bool,
     quiet: bool,
+    gallery: _Gallery | None = None,
 ) -> None:
     import torch
 
@@ -170,8 +197,8 @@ def _draw_layers(
         parse_channels(channels)  # a malformed list fails before any work
     if not quiet:
         note_repeated_layers(loaded, names)
-    activity: dict[str, torch.Tensor] = {}
-    if images and channels is None:
+    activity: dict[str, torch.Tensor] = {}  # per layer, (images, channels): each channel's activation on each image
+    if images:  # they choose the channels (without -f), and give each channel's natural maximum
         paths = collect_inputs(images)
         if not paths:
             raise UsageError("no images found in IMAGES; give image files or folders, or none for the first channels")
@@ -222,6 +249,8 @@ def _draw_layers(
         grid = picture_grid(result.images, [str(c) for c in chosen])
         title = f"{layer}: {len(chosen)} of {count} channels{' (centre)' if neuron else ''}, {settings.steps} steps"
         _write(titled(grid, title), grid_path, {"hookviz:layer": layer, "hookviz:channels": ",".join(map(str, chosen))})
+        natural = activity.get(layer)
+        records = []
         for index, channel in enumerate(chosen):
             record: dict[str, Any] = {
                 "layer": layer,
@@ -230,6 +259,8 @@ def _draw_layers(
                 "steps": settings.steps,
                 "png": str(grid_path),
             }
+            if natural is not None:  # the most the channel reaches on the images, to compare the activation with
+                record["natural_max"] = float(natural[:, channel].max())
             if channel in each:
                 _write(
                     to_image(result.images[index]),
@@ -238,10 +269,29 @@ def _draw_layers(
                 )
                 record["image"] = str(each[channel])
             _report(record, as_json)
+            records.append(record)
+        if gallery is not None:
+            gallery.add(grid_path, [(_channel_caption(r), r) for r in records])
         if not as_json:
             say(str(grid_path))
         if not quiet:
-            note(f"{layer}: {len(chosen)} channel(s) in {time.perf_counter() - started:.1f} s")
+            note(f"{layer}: {len(chosen)} channel(s) in {time.perf_counter() - started:.1f} s{_versus(records)}")
+
+
+def _channel_caption(record: dict[str, Any]) -> str:
+    """``channel 5: 43.2`` and, with images, ``(images at most 12.1)``."""
+    caption = f"channel {record['channel']}: {record['activation']:.4g}"
+    if "natural_max" in record:
+        caption += f" (images at most {record['natural_max']:.4g})"
+    return caption
+
+
+def _versus(records: list[dict[str, Any]]) -> str:
+    """``; 14 of 16 channels beyond the images' maximum`` when the images gave each channel's natural maximum."""
+    compared = [r["activation"] > r["natural_max"] for r in records if "natural_max" in r]
+    if not compared:
+        return ""
+    return f"; {sum(compared)} of {len(compared)} channel(s) beyond the images' maximum"
 
 
 def _draw_classes(
@@ -254,6 +304,7 @@ def _draw_classes(
     overwrite: bool,
     as_json: bool,
     quiet: bool,
+    gallery: _Gallery | None = None,
 ) -> None:
     from ..filters import picture_grid, to_image, visualize_classes
     from ..output import prepare_output_dir, safe_name
@@ -280,6 +331,7 @@ def _draw_classes(
     grid = picture_grid(result.images, labels)
     title = f"class visualization: {len(classes)} class(es), {settings.steps} steps"
     _write(titled(grid, title), grid_path, {"hookviz:classes": ",".join(map(str, classes))})
+    shown = []
     for index, class_index in enumerate(classes):
         record: dict[str, Any] = {
             "class": class_index,
@@ -293,6 +345,9 @@ def _draw_classes(
             _write(to_image(result.images[index]), each[class_index], {"hookviz:class": str(class_index)})
             record["image"] = str(each[class_index])
         _report(record, as_json)
+        shown.append((f"{labels[index]}: p = {record['probability']:.3f}", record))
+    if gallery is not None:
+        gallery.add(grid_path, shown)
     if not as_json:
         say(str(grid_path))
     if not quiet:
@@ -393,6 +448,76 @@ def dream(
 
 
 # --- shared steps ---------------------------------------------------------------------------------------------------------
+
+
+class _Gallery:
+    """``--html``: the run recorded in DIR/manifest.jsonl (a header, then one entry per grid with each channel's or
+    class's picture as its outputs) and DIR/index.html rebuilt from it, as every command's --html does, so the
+    pictures of a filters run and of other runs into the same folder share one page."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
+        self.loaded, self.settings = loaded, settings
+        self.entries: list[dict[str, Any]] = []
+        self.layers: list[str] = []
+
+    def add(self, grid: Path, pictures: list[tuple[str, dict[str, Any]]]) -> None:
+        """A card: the ``grid`` and each (caption, JSON record) picture written for it."""
+        import os
+
+        layers = list(dict.fromkeys(str(record["layer"]) for _, record in pictures if "layer" in record))
+        self.layers.extend(layers)
+        outputs = [
+            {
+                "png": record["image"],
+                "label": caption,
+                "method": "filters",
+                **({"layer": record["layer"]} if "layer" in record else {}),
+            }
+            for caption, record in pictures
+            if "image" in record
+        ]
+        self.entries.append(
+            {
+                "type": "input",
+                "input": str(grid),
+                "identity": os.path.realpath(grid),
+                "folder": grid.stem,
+                "status": "ok",
+                "outputs": outputs,
+            }
+        )
+
+    def write(self, out_dir: Path, quiet: bool) -> None:
+        import uuid
+        from dataclasses import asdict
+        from datetime import datetime, timezone
+
+        from ..manifest import Manifest, jsonable, options_key, versions
+        from .runs import write_gallery
+
+        settings = {"layers": self.layers, **asdict(self.settings)}
+        loaded, run = self.loaded, uuid.uuid4().hex[:12]
+        manifest = Manifest(out_dir)
+        manifest.append(
+            {
+                "type": "run",
+                "run": run,
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **versions(),
+                "command": "filters",
+                "model": loaded.spec,
+                "model_description": loaded.description,
+                "device": str(loaded.device),
+                "preprocessing": jsonable(loaded.preprocessing),
+                "settings": settings,
+                "key": options_key("filters", loaded.spec, loaded.preprocessing, False, settings),
+                "inputs": len(self.entries),
+                "argv": sys.argv[1:],
+            }
+        )
+        for entry in self.entries:
+            manifest.append({**entry, "run": run})
+        write_gallery(out_dir, quiet)
 
 
 def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
