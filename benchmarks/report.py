@@ -77,6 +77,8 @@ ROUND_TASKS = {
     "metrics": ("metrics_speed", "Faithfulness metrics vs pytorch-grad-cam and torchcam"),
     "filters": ("filters_speed", "Activation maximization vs the classic per-channel loop"),
     "audit": ("audit_speed", "Audit and stats --top vs the runs they build on"),
+    "detection": ("detection_speed", "Detection: Grad-CAM per box vs pytorch-grad-cam"),
+    "light": ("cli_end_to_end", "A light model end to end: EfficientNet-Lite0 overlays, PNG and JPEG, vs the script"),
 }
 
 

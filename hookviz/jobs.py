@@ -18,7 +18,7 @@ from PIL import Image
 
 from .attribution import AttributionBatch, attribution_heat, compute_attributions, heat_scaled, method_settings
 from .cams import CamBatch, compute_cams, constant_maps
-from .errors import shown
+from .errors import UsageError, shown
 from .fmaps import channel_grid, selected_channels
 from .forward import run_model
 from .guided import GuidedBatch, compute_guided, gradient_image
@@ -27,11 +27,22 @@ from .labels import Expected, ExpectedLabels
 from .methods import CLASS_INDEPENDENT, GRADIENT_METHODS
 from .metrics import Scorer, map_scores
 from .models import LoadedModel
-from .output import layer_file_names, safe_name, write_npy, write_png
-from .pipeline import PreparedImage, Record, model_batch
-from .render import captioned, heat_in_image, normalize_map, overlay, titled, to_pil
+from .output import DEFAULT_QUALITY, image_suffix, layer_file_names, safe_name, write_image, write_npy, write_png
+from .pipeline import PreparedImage, Record, model_batch, prepare_image
+from .render import captioned, heat_in_image, normalize_map, overlay, overlay_picture, titled, to_pil
 from .spatial import spatial_output, to_spatial
 from .stats import StatsCollector
+from .targets import (
+    SINGLE_OUTPUT_SIDES,
+    ClassTarget,
+    SegmentationTarget,
+    SimilarityTarget,
+    Target,
+    TargetSpec,
+    embedding,
+    read_mask,
+    regions_for,
+)
 
 # --- fmaps -------------------------------------------------------------------------------------------
 
@@ -52,6 +63,8 @@ class FmapOptions:
     tensorboard: Any = None  # a hookviz.tensorboard.ImageSink, or None
     scale: str = "channel"  # "layer": one colour scale for all of a layer's tiles, with a colour bar
     caption: bool = True  # a title band (layer, shape, input) above the grid
+    file_format: str = "png"  # png, jpg or webp (--format)
+    quality: int | None = None  # JPEG/WebP quality (--quality; default output.DEFAULT_QUALITY)
 
 
 @dataclass
@@ -84,10 +97,12 @@ class FmapJob:
             # Only what differs from the defaults: earlier runs' keys stay as they were.
             **({} if options.scale == "channel" else {"scale": options.scale}),
             **({} if options.caption else {"caption": False}),
+            **_format_settings(options),
         }
 
     def output_patterns(self) -> list[str]:
-        return [f"fmap_{name}.png" for name in layer_file_names(self.options.layers).values()]
+        suffix = image_suffix(self.options.file_format)
+        return [f"fmap_{name}{suffix}" for name in layer_file_names(self.options.layers).values()]
 
     def compute(self, batch: list[PreparedImage]) -> dict[str, LayerMaps]:
         """Per layer, the channels to draw (and the whole output with --save-raw).
@@ -157,7 +172,14 @@ class FmapJob:
             output = {
                 "kind": "fmap",
                 "layer": layer,
-                "png": str(write_png(picture, folder / f"{name}.png", metadata)),
+                "png": str(
+                    write_image(
+                        picture,
+                        folder / f"{name}{image_suffix(options.file_format)}",
+                        metadata,
+                        quality=options.quality,
+                    )
+                ),
                 "channels": grid.channels,
             }
             if options.tensorboard is not None:
@@ -193,6 +215,9 @@ class CamOptions:
     aug_smooth: bool = False
     metrics: Sequence[str] = ()  # gradcam --metric: each map's numbers in its record (hookviz.metrics.map_scores)
     metric_steps: int = 20
+    target: TargetSpec = field(default_factory=TargetSpec)  # what score is explained (hookviz.targets)
+    file_format: str = "png"  # png, jpg or webp (--format)
+    quality: int | None = None  # JPEG/WebP quality (--quality; default output.DEFAULT_QUALITY)
 
     @property
     def explained_layers(self) -> list[str]:
@@ -205,6 +230,11 @@ class CamOptions:
         return f"{safe_name(method)}_{safe_name(self.layer)}"
 
     @property
+    def target_percent(self) -> bool:
+        """Captions print the shown values as percentages (probabilities), not raw numbers (--activation none)."""
+        return self.target.activation != "none"
+
+    @property
     def layer_caption(self) -> str:
         """The layer part of a caption: "layer4", or "layer3 + layer4 (mean)" for fused layers, with smoothing."""
         text = self.layer if len(self.explained_layers) == 1 else f"{' + '.join(self.layers)} ({self.fuse})"
@@ -214,9 +244,41 @@ class CamOptions:
 
 @dataclass
 class ScoredCamBatch(CamBatch):
-    """A CamBatch with ``gradcam --metric``'s numbers: ``scores[name][b, k]`` for the map of image b, class k."""
+    """A CamBatch with ``gradcam --metric``'s numbers: ``scores[name][b, k]`` for the map of image b, class k;
+    and the target that was explained (a segmentation's predicted pixels, a region's errors per image)."""
 
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    explained: Target | None = None
+    region_errors: list[str | None] | None = None
+
+
+class BatchTargets:
+    """Each batch's ``Target`` from the run's ``TargetSpec`` (the reference embedding and the mask read once)."""
+
+    def __init__(self, loaded: LoadedModel, options: CamOptions):
+        self.loaded, self.options = loaded, options
+        self._reference: torch.Tensor | None = None  # --similar-to's embedding, computed on first use
+        self._mask: torch.Tensor | None = read_mask(options.target.mask) if options.target.mask else None
+
+    def __call__(self, batch: list[PreparedImage]) -> tuple[Target, list[str | None] | None]:
+        """The target of this batch, and for a region or mask each image's error (None where it fits)."""
+        options, spec = self.options, self.options.target
+        if spec.kind == "similarity":
+            if self._reference is None:
+                self._reference = reference_embedding(self.loaded, spec)
+            return SimilarityTarget(self._reference, spec.embedding_layer), None
+        if spec.kind == "segmentation":
+            errors: list[str | None] = []
+            region_of = None
+            if spec.region is not None or self._mask is not None:
+
+                def region_of(size: tuple[int, int]) -> torch.Tensor:
+                    weights, found = regions_for(batch, size, spec.region, self._mask)
+                    errors.extend(found)
+                    return weights
+
+            return SegmentationTarget(tuple(options.classes or ()), options.top_k, region_of=region_of), errors
+        return ClassTarget(tuple(options.classes or ()), options.top_k, spec.activation), None
 
 
 class CamJob:
@@ -227,6 +289,7 @@ class CamJob:
     def __init__(self, loaded: LoadedModel, options: CamOptions):
         self.loaded, self.options = loaded, options
         self.layer_calls: dict[str, int] | None = None  # learnt from the first batch: see compute_cams
+        self.targets = BatchTargets(loaded, options)
 
     def settings(self) -> dict[str, Any]:
         return _settings(
@@ -237,6 +300,7 @@ class CamJob:
             save_raw=self.options.save_raw,
             **self._smoothing(),
             **self._scored(),
+            **self.options.target.settings(),
         )
 
     def _scored(self) -> dict[str, Any]:
@@ -257,12 +321,21 @@ class CamJob:
         return extra
 
     def output_patterns(self) -> list[str]:
-        if self.options.method in CLASS_INDEPENDENT:
-            return [f"{self.options.file_stem}.png"]
-        return [f"{self.options.file_stem}_c{c}.png" for c in _class_patterns(self.options)]
+        options = self.options
+        picture = image_suffix(options.file_format)
+        if options.method in CLASS_INDEPENDENT:
+            return [f"{options.file_stem}{picture}"]
+        if not options.target.has_classes:
+            return [f"{options.file_stem}{_similarity_suffix(options.target)}{picture}"]
+        suffix = options.target.name_suffix
+        patterns = [f"{options.file_stem}_c{c}{suffix}{picture}" for c in _class_patterns(options)]
+        if options.target.kind == "segmentation":
+            patterns += [f"seg_c{c}{suffix}.png" for c in _class_patterns(options)]
+        return patterns
 
     def compute(self, batch: list[PreparedImage]) -> CamBatch:
         options = self.options
+        target, region_errors = self.targets(batch)
         result = compute_cams(
             self.loaded.module,
             model_batch(batch, self.loaded),
@@ -277,6 +350,7 @@ class CamJob:
             eigen_smooth=options.eigen_smooth,
             aug_smooth=options.aug_smooth,
             fuse=options.fuse,
+            target=target,
         )
         self.layer_calls = result.calls
         maps = result.maps.float().cpu()
@@ -294,33 +368,47 @@ class CamJob:
             method=result.method,
             empty=constant_maps(maps),
             scores=scores,
+            explained=target,
+            region_errors=region_errors,
         )
 
     def write(self, item: PreparedImage, index: int, result: CamBatch) -> Record:
-        options = self.options
+        options, spec = self.options, self.options.target
         if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(result.maps[index]).all()):
             return _not_finite(item, "class scores")
+        scored = result if isinstance(result, ScoredCamBatch) else None
+        if scored is not None and scored.region_errors and scored.region_errors[index]:
+            return Record(
+                input=str(item.path), status="error", error=f"{shown(item.path)}: {scored.region_errors[index]}"
+            )
         record = _record(self.loaded, item, result.probabilities[index], options)
         class_independent = options.method in CLASS_INDEPENDENT
         classes = result.classes[index].tolist()
         for k, class_index in enumerate(classes[:1] if class_independent else classes):
-            heat, seen = heat_in_image(result.maps[index, k], item.view.box, item.size)
-            label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
-            picture = to_pil(overlay(item.pixels, heat, alpha=options.alpha, cmap=options.cmap, seen=seen))
+            label = target_label(self.loaded, spec, class_index)
+            value = float(result.probabilities[index, class_index])
+            picture = overlay_picture(
+                item.pixels, result.maps[index, k], item.view.box, alpha=options.alpha, cmap=options.cmap
+            )
             empty = result.empty is not None and bool(result.empty[index, k])
             method_at_layer = f"{options.method} @ {options.layer_caption}" + (" (empty map)" if empty else "")
             name = options.file_stem
             # A class-independent map names no class: one picture, and no class in its caption.
             named: tuple[int | None, str | None, float | None] = (None, None, None)
             caption = f"class-independent | {method_at_layer}"
-            if not class_independent:
-                named, caption = (class_index, label, probability), f"{label} {probability:.1%} | {method_at_layer}"
-                name += f"_c{class_index}"
+            if not spec.has_classes:
+                named = (None, None, value)
+                caption = f"{spec.caption_value(value, False)} | {method_at_layer}"
+                name += _similarity_suffix(spec)
+            elif not class_independent:
+                named = (class_index, label, value)
+                caption = f"{label} {spec.caption_value(value, options.target_percent)} | {method_at_layer}"
+                name += f"_c{class_index}{spec.name_suffix}"
             picture, scale = _captioned(picture, caption, options)
             shown_class, shown_label, shown_probability = named
             output = _write_class_output(
                 picture,
-                options.out_dir / item.stem / f"{name}.png",
+                options.out_dir / item.stem / f"{name}{image_suffix(options.file_format)}",
                 item,
                 options.method,
                 options.layer,
@@ -329,10 +417,25 @@ class CamJob:
                 shown_probability,
                 kind="cam",
                 scale=scale,
+                quality=options.quality,
             )
             output |= self._smoothing()
-            if isinstance(result, ScoredCamBatch):
-                output |= {name: round(float(values[index, k]), 6) for name, values in result.scores.items()}
+            if spec.settings() and not class_independent:
+                output["target"] = spec.describe(class_index, round(value, 6))
+            if scored is not None:
+                output |= {name: round(float(values[index, k]), 6) for name, values in scored.scores.items()}
+                if isinstance(scored.explained, SegmentationTarget) and scored.explained.predicted is not None:
+                    pixels = scored.explained.predicted[index] == class_index
+                    mask_picture = _captioned(
+                        segmentation_picture(item, pixels, class_index), f"{label}: predicted pixels", options
+                    )[0]
+                    mask_path = options.out_dir / item.stem / f"seg_c{class_index}{spec.name_suffix}.png"
+                    metadata = {
+                        "hookviz:class": str(class_index),
+                        "hookviz:label": label,
+                        "hookviz:input": str(item.path),
+                    }
+                    output["segmentation_png"] = str(write_png(mask_picture, mask_path, metadata))
             if class_independent:
                 output["class_independent"] = True
             if empty:
@@ -341,6 +444,7 @@ class CamJob:
                     item, options, label, result.probabilities[index], class_independent
                 )
             if options.save_raw:
+                heat = heat_in_image(result.maps[index, k], item.view.box, item.size)[0]
                 output["raw"] = str(write_npy(heat, options.out_dir / item.stem / f"{name}.npy"))
             if options.tensorboard is not None:
                 rank = (
@@ -353,6 +457,49 @@ class CamJob:
                 options.tensorboard.add(f"{options.method}/{options.layer}{rank}", picture, str(item.path))
             record.outputs.append(output)
         return record
+
+
+def _similarity_suffix(spec: TargetSpec) -> str:
+    return f"_sim-{safe_name(Path(spec.reference or 'reference').stem)}"
+
+
+def target_label(loaded: LoadedModel, spec: TargetSpec, class_index: int) -> str:
+    """The name of an explained class: the model's, or for a single output without names its side."""
+    if spec.kind == "binary" and loaded.labels is None:
+        return SINGLE_OUTPUT_SIDES[class_index]
+    return loaded.label(class_index)
+
+
+def reference_embedding(loaded: LoadedModel, spec: TargetSpec) -> torch.Tensor:
+    """--similar-to's reference image through the model's own preprocessing: its embedding (D,)."""
+    from .errors import HookvizError, InputError
+
+    assert spec.reference is not None
+    try:
+        prepared = prepare_image(Path(spec.reference), "reference", loaded.preprocessing, crop=False)
+    except (InputError, HookvizError) as exc:
+        raise UsageError(f"--similar-to {spec.reference}: {exc}") from None
+    inputs = model_batch([prepared], loaded)
+    return embedding(loaded.module, inputs, output_key=loaded.output_key, layer=spec.embedding_layer)[0]
+
+
+# Colours of segmentation masks: a class keeps its colour across images and runs (matplotlib's tab20 order).
+MASK_COLOURS = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)  # fmt: skip
+
+
+def segmentation_picture(item: PreparedImage, pixels: torch.Tensor, class_index: int) -> Image.Image:
+    """The original with the pixels (h, w) a segmentation model assigned to the class tinted in the class's
+    colour (half opacity), on the original's grid; what the model did not see is dimmed."""
+    placed, seen = heat_in_image(pixels.float().cpu(), item.view.box, item.size)
+    inside = (placed >= 0.5) & seen
+    colour = torch.tensor(MASK_COLOURS[class_index % len(MASK_COLOURS)], dtype=torch.float32)[:, None, None]
+    original = item.pixels.float()
+    tinted = torch.where(inside, original * 0.5 + colour * 0.5, original)
+    tinted = torch.where(seen, tinted, original * 0.5)
+    return to_pil(tinted.round().clamp(0, 255).to(torch.uint8))
 
 
 # --- CAMs of labelled inputs: the predicted and the expected class ---------------------------------------
@@ -453,7 +600,7 @@ class LabelledCamJob(CamJob):
         caption = f"predicted: {guess_label} {shown[0]} / expected: {truth_label} {shown[1]} | {method_at_layer}"
         picture, scale = _captioned(picture, caption, options)
         name = f"{safe_name(options.method)}_{safe_name(options.layer)}_c{guess}_expected_c{truth}"
-        path = options.out_dir / item.stem / f"{name}.png"
+        path = options.out_dir / item.stem / f"{name}{image_suffix(options.file_format)}"
         metadata = {
             "hookviz:method": options.method,
             "hookviz:layer": options.layer,
@@ -478,7 +625,7 @@ class LabelledCamJob(CamJob):
             "expected_label": truth_label,
             "expected_score": round(truth_p, 6),
             "layout": "predicted|expected",
-            "png": str(write_png(picture, path, metadata)),
+            "png": str(write_image(picture, path, metadata, quality=options.quality)),
         }
         if scale != 1:
             output["scale"] = scale
@@ -525,20 +672,29 @@ class GuidedJob:
 
     def __init__(self, loaded: LoadedModel, options: CamOptions):
         self.loaded, self.options = loaded, options
+        self.targets = BatchTargets(loaded, options)
+        self._region_errors: list[str | None] | None = None
 
     def settings(self) -> dict[str, Any]:
-        return _settings(self.options)
+        return _settings(self.options, **self.options.target.settings())
 
     def output_patterns(self) -> list[str]:
-        layer = safe_name(self.options.layer)
+        layer, suffix = safe_name(self.options.layer), image_suffix(self.options.file_format)
+        spec = self.options.target
+        explained = (
+            [f"_c{c}{spec.name_suffix}" for c in _class_patterns(self.options)]
+            if spec.has_classes
+            else [_similarity_suffix(spec)]
+        )
         return [
             pattern
-            for c in _class_patterns(self.options)
-            for pattern in (f"guided_c{c}.png", f"guided-gradcam_{layer}_c{c}.png")
+            for what in explained
+            for pattern in (f"guided{what}{suffix}", f"guided-gradcam_{layer}{what}{suffix}")
         ]
 
     def compute(self, batch: list[PreparedImage]) -> GuidedBatch:
         options = self.options
+        target, region_errors = self.targets(batch)
         result = compute_guided(
             self.loaded.module,
             model_batch(batch, self.loaded),
@@ -546,34 +702,41 @@ class GuidedJob:
             classes=options.classes,
             top_k=options.top_k,
             output_key=self.loaded.output_key,
+            target=target,
         )
         return GuidedBatch(
             guided=result.guided.float().cpu(),
             guided_gradcam=result.guided_gradcam.float().cpu(),
             classes=result.classes.cpu(),
             probabilities=result.probabilities.float().cpu(),
+            region_errors=region_errors,
         )
 
     def write(self, item: PreparedImage, index: int, result: GuidedBatch) -> Record:
         options = self.options
         if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(result.guided[index]).all()):
             return _not_finite(item, "class scores")
+        if result.region_errors and result.region_errors[index]:
+            return Record(
+                input=str(item.path), status="error", error=f"{shown(item.path)}: {result.region_errors[index]}"
+            )
+        spec = options.target
         record = _record(self.loaded, item, result.probabilities[index], options)
         for k, class_index in enumerate(result.classes[index].tolist()):
-            label, probability = self.loaded.label(class_index), float(result.probabilities[index, class_index])
+            label = target_label(self.loaded, spec, class_index)
+            probability = float(result.probabilities[index, class_index])
+            shown_value = spec.caption_value(probability, options.target_percent)
             for method, gradients in (("guided", result.guided), ("guided-gradcam", result.guided_gradcam)):
                 picture = _gradient_picture(gradients[index, k], item)
                 at_layer = "" if method == "guided" else f" @ {options.layer}"
-                picture, scale = _captioned(picture, f"{label} {probability:.1%} | {method}{at_layer}", options)
-                name = (
-                    f"{method}_c{class_index}"
-                    if method == "guided"
-                    else f"{method}_{safe_name(options.layer)}_c{class_index}"
-                )
+                subject = shown_value if not spec.has_classes else f"{label} {shown_value}"
+                picture, scale = _captioned(picture, f"{subject} | {method}{at_layer}", options)
+                what = f"_c{class_index}{spec.name_suffix}" if spec.has_classes else _similarity_suffix(spec)
+                name = f"{method}{what}" if method == "guided" else f"{method}_{safe_name(options.layer)}{what}"
                 record.outputs.append(
                     _write_class_output(
                         picture,
-                        options.out_dir / item.stem / f"{name}.png",
+                        options.out_dir / item.stem / f"{name}{image_suffix(options.file_format)}",
                         item,
                         method,
                         options.layer,
@@ -582,6 +745,7 @@ class GuidedJob:
                         probability,
                         kind="guided",
                         scale=scale,
+                        quality=options.quality,
                     )
                 )
         return record
@@ -605,8 +769,16 @@ def _settings(options: CamOptions | SaliencyOptions, **extra: Any) -> dict[str, 
         "classes": classes,
         "top_k": None if classes else options.top_k,
         **uncaptioned,
+        **_format_settings(options),
         **extra,
     }
+
+
+def _format_settings(options: FmapOptions | CamOptions | SaliencyOptions) -> dict[str, Any]:
+    """--format and --quality among the settings, only when not PNG (earlier runs' settings stay equal)."""
+    if options.file_format == "png":
+        return {}
+    return {"format": options.file_format, "quality": options.quality or DEFAULT_QUALITY}
 
 
 def _class_patterns(options: CamOptions | SaliencyOptions) -> list[str]:
@@ -616,7 +788,12 @@ def _class_patterns(options: CamOptions | SaliencyOptions) -> list[str]:
 
 def _record(loaded: LoadedModel, item: PreparedImage, probabilities: torch.Tensor, options: CamOptions) -> Record:
     """The record of one explained input; ``downscaled_from`` when its pictures are smaller than the file."""
-    extra: dict[str, Any] = {"predictions": _predictions(loaded, probabilities, options.predictions)}
+    spec = options.target
+    extra: dict[str, Any]
+    if spec.kind == "similarity":
+        extra = {"similarity": round(float(probabilities[0]), 6), "reference": spec.reference}
+    else:
+        extra = {"predictions": _predictions(loaded, probabilities, options.predictions, spec)}
     if item.original_size is not None:
         extra["downscaled_from"] = list(item.original_size)
     return Record(input=str(item.path), extra=extra)
@@ -633,8 +810,10 @@ def _write_class_output(
     probability: float | None,
     kind: str,
     scale: int = 1,
+    quality: int | None = None,
 ) -> dict[str, Any]:
-    """Write one explanation PNG (its metadata says what it shows) and describe it for the record.
+    """Write one explanation picture (PNG, JPEG or WebP by ``path``'s suffix; its metadata says what it shows)
+    and describe it for the record (under "png", the key of every picture's path).
 
     ``class_index`` None: a class-independent map (Eigen-CAM). ``scale``: the picture is the
     original enlarged this many times (a small image, captioned).
@@ -654,7 +833,7 @@ def _write_class_output(
         "class": class_index,
         "label": label,
         "score": None if probability is None else round(probability, 6),
-        "png": str(write_png(picture, path, metadata)),
+        "png": str(write_image(picture, path, metadata, quality=quality)),
     }
     if scale != 1:
         output["scale"] = scale
@@ -671,7 +850,7 @@ def _empty_map_warning(
 ) -> str:
     """Why a map came out constant, as far as can be told, and what to do about it."""
     subject = f"the {options.method} map" + ("" if class_independent else f" of {label}")
-    if float(probabilities.max() - probabilities.min()) < 1e-6:
+    if probabilities.numel() > 1 and float(probabilities.max() - probabilities.min()) < 1e-6:
         cause = (
             "the model gives every class the same score for this image, so no score depends on it "
             "(an untrained or zero-initialised head?); explain a trained model"
@@ -695,10 +874,12 @@ def _gradient_picture(gradient: torch.Tensor, item: PreparedImage) -> Image.Imag
     return to_pil((picture * 255).round().clamp(0, 255).to(torch.uint8))
 
 
-def _predictions(loaded: LoadedModel, probabilities: torch.Tensor, count: int) -> list[dict]:
+def _predictions(
+    loaded: LoadedModel, probabilities: torch.Tensor, count: int, spec: TargetSpec | None = None
+) -> list[dict]:
     top = probabilities.topk(min(count, probabilities.shape[0]))
     return [
-        {"class": int(c), "label": loaded.label(int(c)), "score": round(float(p), 6)}
+        {"class": int(c), "label": target_label(loaded, spec or TargetSpec(), int(c)), "score": round(float(p), 6)}
         for p, c in zip(top.values, top.indices, strict=True)
     ]
 
@@ -754,6 +935,8 @@ class SaliencyOptions:
     batch_size: int = 8  # model inputs per forward pass, noisy samples and path points included
     predictions: int = 5
     caption: bool = True
+    file_format: str = "png"  # png, jpg or webp (--format)
+    quality: int | None = None  # JPEG/WebP quality (--quality; default output.DEFAULT_QUALITY)
 
 
 class SaliencyJob:
@@ -804,7 +987,9 @@ class SaliencyJob:
     def output_patterns(self) -> list[str]:
         _, name = self._name()
         heat = name.replace("_", "-heat_", 1) if "_" in name else f"{name}-heat"
-        return [pattern for c in _class_patterns(self.options) for pattern in (f"{heat}_c{c}.png", f"{name}_c{c}.png")]
+        suffix = image_suffix(self.options.file_format)
+        classes = _class_patterns(self.options)
+        return [pattern for c in classes for pattern in (f"{heat}_c{c}{suffix}", f"{name}_c{c}{suffix}")]
 
     def compute(self, batch: list[PreparedImage]) -> AttributionBatch:
         options, loaded = self.options, self.loaded
@@ -885,7 +1070,14 @@ class SaliencyJob:
                     "label": label,
                     "score": round(probability, 6),
                     **self._method_settings(),
-                    "png": str(write_png(picture, folder / f"{stem}_c{class_index}.png", metadata)),
+                    "png": str(
+                        write_image(
+                            picture,
+                            folder / f"{stem}_c{class_index}{image_suffix(options.file_format)}",
+                            metadata,
+                            quality=options.quality,
+                        )
+                    ),
                 }
                 if scale != 1:
                     output["scale"] = scale

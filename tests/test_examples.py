@@ -43,6 +43,13 @@ if len(args) > 1 and args[1] in ("resnet50", "resnet18", "vit_b_16"):
         args += ["--size", "64"]
     if "--labels" not in args and args[0] != "layers":
         args += ["--labels", "imagenet"]  # random weights carry no class names; the examples use them
+# torchvision segmentation and detection models: random weights (backbone too), small inputs.
+DENSE = ("deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn",
+         "retinanet_resnet50_fpn", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large")
+if len(args) > 1 and args[1] in DENSE and "--weights" not in args:
+    args += ["--weights", "none"]
+if len(args) > 1 and args[1].startswith("timm:") and "--weights" not in args:  # no pretrained weights cached here
+    args += ["--weights", "none"] + (["--size", "64"] if "vit" not in args[1] else [])
 args = [arg.replace("/data/", "data/") for arg in args]
 # Optimization and sampling loops at a few iterations: the examples check the command lines, the tests the results.
 FEW = {{"filters": ("--steps", "4"), "dream": ("--steps", "2"), "saliency": ("--samples", "4"), "evaluate": ("--steps", "5")}}
@@ -89,8 +96,18 @@ def without_comment(line: str) -> str:
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What the examples name, made once: photos, a .pt2 of resnet18, the demo model, sample images."""
     folder = tmp_path_factory.mktemp("example-inputs")
-    for name in ("cat.jpg", "photo.jpg", "img.png"):
+    for name in ("cat.jpg", "photo.jpg", "img.png", "other.jpg"):
         write_noise_image(folder / name, 96, 72, seed=len(name))
+    write_noise_image(folder / "street.jpg", 320, 240, seed=5)
+    from PIL import Image
+
+    cat = Image.open(ROOT / "sample_images" / "chelsea_cat.png").convert("RGB")
+    cat.crop((100, 20, 400, 280)).save(folder / "cat_face.jpg")
+    cup = Image.open(ROOT / "sample_images" / "coffee_cup.jpg").convert("RGB").resize(cat.size)
+    both = Image.new("RGB", (2 * cat.width, cat.height))
+    both.paste(cup, (0, 0))
+    both.paste(cat, (cat.width, 0))
+    both.save(folder / "cup_and_cat.jpg")
     for i in range(2):
         write_noise_image(folder / "photos" / f"p{i}.jpg", 80, 60, seed=10 + i)
     (folder / "data").mkdir()
@@ -106,6 +123,20 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         resnet, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
     )
     torch.export.save(program, folder / "model.pt2")
+    with torch.random.fork_rng(devices=[]):  # a single-logit (binary) classifier
+        torch.manual_seed(0)
+        binary = torchvision.models.resnet18(weights=None, num_classes=1).eval()
+    program = torch.export.export(
+        binary, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+    )
+    torch.export.save(program, folder / "binary.pt2")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"}, label2id={"cat": 0, "dog": 1, "fox": 2},
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(folder / "my-finetuned-vit")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "my-finetuned-vit")
     pytest.importorskip("efficientnet_lite_pytorch")
     from hookviz.demo import export_efficientnet_lite0
 
@@ -136,7 +167,9 @@ def test_an_example_runs_as_written(tmp_path, inputs, wrapper_bin, where, line):
         pytest.skip(f"needs {needed}")
     work = tmp_path / "work"
     work.mkdir()
-    for name in ("cat.jpg", "photo.jpg", "img.png", "model.pt2"):
+    for name in ("cat.jpg", "photo.jpg", "img.png", "other.jpg", "street.jpg", "cat_face.jpg", "cup_and_cat.jpg"):
+        (work / name).symlink_to(inputs / name)
+    for name in ("model.pt2", "binary.pt2", "my-finetuned-vit"):
         (work / name).symlink_to(inputs / name)
     for name in ("photos", "data", "labelled"):  # copies: `find` does not enter a linked folder
         shutil.copytree(inputs / name, work / name)

@@ -28,6 +28,8 @@ RANKS = {
     "output": 1,
     "images": 1,
     "render": 1,
+    "colormaps": 0,  # the built-in colour tables
+    "targets": 2,  # what a map explains: class logits, a single output's sides, segmentation, similarity
     "models": 2,
     "hooks": 2,
     "layers": 3,
@@ -49,6 +51,7 @@ RANKS = {
     "gallery": 5,
     "evaluation": 5,  # the evaluate run: maps, metrics, ranking, plots
     "audit": 5,  # the audit of a labelled set
+    "detection": 5,  # per-box maps of torchvision detectors and their job
     "cli": 6,
     "demo": 6,
     "__init__": 6,

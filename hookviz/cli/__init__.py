@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,6 +23,7 @@ from .filters import dream, filters
 from .options import (
     ModelArgs,
     RunArgs,
+    ScoreArgs,
     StatsArgs,
     TargetArgs,
     caption_option,
@@ -31,12 +33,23 @@ from .options import (
     model_options,
     quiet_option,
     run_options,
+    score_options,
     stats_options,
     target_options,
     tensorboard_option,
 )
 from .report import HookvizGroup, note, report_records, reports_errors, say
-from .runs import explained, explained_layers, load, note_repeated_layers, run_batch, tensorboard_images, traced
+from .runs import (
+    check_target_fits,
+    explained,
+    explained_layers,
+    load,
+    note_repeated_layers,
+    run_batch,
+    target_spec,
+    tensorboard_images,
+    traced,
+)
 from .saliency import saliency
 
 
@@ -45,8 +58,9 @@ from .saliency import saliency
 def main() -> None:
     """Feature maps and CAM heatmaps for PyTorch CNNs, from the command line.
 
-    MODEL is a torchvision model name (resnet50), a state_dict (.pt/.pth), a
-    torch.export program (.pt2), or package.module:callable.
+    MODEL is a torchvision model name (resnet50, deeplabv3_resnet50, fasterrcnn_resnet50_fpn),
+    timm:NAME, a Hugging Face directory or hf:ORG/NAME, a state_dict (.pt/.pth/.safetensors),
+    a torch.export program (.pt2), or package.module:callable.
 
     \b
     Examples:
@@ -54,6 +68,12 @@ def main() -> None:
       hookviz fmaps model.pt2 photo.jpg -l layer1.0.conv1
       hookviz fmaps resnet18 photos/ --json | jq .outputs[].png
     """
+    # Before torch is imported (libgomp reads it once): torch's idle OpenMP threads sleep instead of spinning for
+    # the core the writer threads, the decoding and any other process need. On the 2-core benchmark machine under
+    # load (average 5-6), 256 overlays with the demo model took 8.7 s instead of 80.9 s (issue 19).
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @main.command()
@@ -168,6 +188,8 @@ def fmaps(
                 caption=not no_caption,
                 layers_named=bool(layer_names),
                 tensorboard=sink,
+                file_format=run.file_format,
+                quality=run.quality,
             ),
         )
         code = run_batch(loaded, job, images, run)
@@ -211,6 +233,7 @@ def fmaps(
 )
 @caption_option
 @tensorboard_option
+@score_options
 @model_options
 @run_options
 @reports_errors
@@ -229,6 +252,7 @@ def gradcam(
     metric_names: tuple[str, ...],
     no_caption: bool,
     tensorboard_dir: Path | None,
+    score: ScoreArgs,
     model_args: ModelArgs,
     run: RunArgs,
 ) -> None:
@@ -246,6 +270,9 @@ def gradcam(
       hookviz gradcam model.pt2 photos/ --top-k 3 --json | jq .predictions
       find photos -name '*.jpg' | hookviz gradcam resnet50 - --skip-existing -o maps
       find photos -name '*.jpg' -printf '{"input": "%p", "label": 281}\\n' > labels.jsonl && hookviz gradcam model.pt2 photos/ --expected labels.jsonl
+      hookviz gradcam binary.pt2 photos/ -c 0 --activation sigmoid    # a single-logit model's negative side
+      hookviz gradcam deeplabv3_mobilenet_v3_large street.jpg -c 7 --region 40,60,300,200   # 7: car
+      hookviz gradcam resnet50 photo.jpg --similar-to other.jpg --embedding-layer avgpool
     """
     from ..batch import default_batch_size
     from ..cams import check_cam_options
@@ -258,31 +285,39 @@ def gradcam(
     check_cam_options(method, layers, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth, fuse=fuse)
     metrics = gradcam_metrics(metric_names)
     target, explain = expected_target(target, expected)  # with --expected, -c is expected|predicted|both
-    loaded, classes, layers = explained_layers(model, model_args, target, run.quiet)
+    loaded, classes, layers = explained_layers(model, model_args, target, run.quiet, score)
+    spec = target_spec(loaded, score, classes, target.top_k)
+    check_target_fits(spec, method, aug_smooth=aug_smooth, metrics=metrics, expected=expected)
     if method in CLASS_INDEPENDENT and (classes or target.top_k > 1) and not run.quiet:
         note(f"{method} does not depend on the class: one map per image, --class and --top-k do not change it")
     with tensorboard_images(tensorboard_dir) as sink:
-        job = CamJob(
-            loaded,
-            CamOptions(
-                out_dir=run.out_dir,
-                layer="+".join(layers),
-                layers=layers if len(layers) > 1 else (),
-                fuse=fuse,
-                eigen_smooth=eigen_smooth,
-                aug_smooth=aug_smooth,
-                method=method,
-                classes=classes,
-                top_k=target.top_k,
-                alpha=alpha,
-                cmap=cmap,
-                save_raw=save_raw,
-                score_batch_size=run.batch_size or default_batch_size(loaded.device),
-                tensorboard=sink,
-                caption=not no_caption,
-                metrics=metrics,
-            ),
+        options = CamOptions(
+            out_dir=run.out_dir,
+            layer="+".join(layers),
+            layers=layers if len(layers) > 1 else (),
+            fuse=fuse,
+            eigen_smooth=eigen_smooth,
+            aug_smooth=aug_smooth,
+            method=method,
+            classes=classes,
+            top_k=target.top_k,
+            alpha=alpha,
+            cmap=cmap,
+            save_raw=save_raw,
+            score_batch_size=run.batch_size or default_batch_size(loaded.device),
+            tensorboard=sink,
+            caption=not no_caption,
+            metrics=metrics,
+            target=spec,
+            file_format=run.file_format,
+            quality=run.quality,
         )
+        job: Any = CamJob(loaded, options)
+        if spec.kind == "detection":
+            from ..detection import detection_job
+
+            min_score = 0.5 if score.min_score is None else score.min_score
+            job = detection_job(loaded, options, boxes=score.boxes or 5, min_score=min_score)
         if expected is not None:
             job = labelled_job(job, expected, images, explain)
         code = run_batch(loaded, job, images, run)
@@ -294,11 +329,18 @@ def gradcam(
 @click.argument("images", nargs=-1, required=True)
 @target_options
 @caption_option
+@score_options
 @model_options
 @run_options
 @reports_errors
 def guided(
-    model: str, images: tuple[str, ...], target: TargetArgs, no_caption: bool, model_args: ModelArgs, run: RunArgs
+    model: str,
+    images: tuple[str, ...],
+    target: TargetArgs,
+    no_caption: bool,
+    score: ScoreArgs,
+    model_args: ModelArgs,
+    run: RunArgs,
 ) -> None:
     """Write guided backpropagation and guided Grad-CAM images per image and class.
 
@@ -310,14 +352,27 @@ def guided(
       hookviz guided resnet50 cat.jpg
       hookviz guided resnet50 cat.jpg --class "tabby" -l layer3
     """
+    from ..errors import UsageError
     from ..guided import relu_modules
     from ..jobs import CamOptions, GuidedJob
 
-    loaded, classes, layer = explained(model, model_args, target, run.quiet)
+    loaded, classes, layer = explained(model, model_args, target, run.quiet, score)
     relu_modules(loaded.module)  # a model without ReLUs fails before any image is read
+    spec = target_spec(loaded, score, classes, target.top_k)
+    if spec.kind == "detection":
+        raise UsageError("guided explains classes, regions and similarities; for a detection model use gradcam")
     job = GuidedJob(
         loaded,
-        CamOptions(out_dir=run.out_dir, layer=layer, classes=classes, top_k=target.top_k, caption=not no_caption),
+        CamOptions(
+            out_dir=run.out_dir,
+            layer=layer,
+            classes=classes,
+            top_k=target.top_k,
+            caption=not no_caption,
+            file_format=run.file_format,
+            quality=run.quality,
+            target=spec,
+        ),
     )
     sys.exit(run_batch(loaded, job, images, run))
 
@@ -463,10 +518,18 @@ def stats(
 @crop_option
 @click.option("--json", "as_json", is_flag=True, help="Print the trace as one JSON object.")
 @quiet_option
+@score_options
 @model_options
 @reports_errors
 def trace(
-    model: str, image: str, class_value: str | None, crop: bool, as_json: bool, quiet: bool, model_args: ModelArgs
+    model: str,
+    image: str,
+    class_value: str | None,
+    crop: bool,
+    as_json: bool,
+    quiet: bool,
+    score: ScoreArgs,
+    model_args: ModelArgs,
 ) -> None:
     """Print every module's forward inputs and outputs, then the gradients flowing back, for one image.
 
@@ -480,18 +543,33 @@ def trace(
       hookviz trace resnet18 cat.jpg
       hookviz trace model.pt2 cat.jpg -c 281 --json | jq '.events[] | select(.direction == "backward") | .gradient.norm'
     """
+    from dataclasses import replace
+
+    from ..errors import InputError, UsageError
+    from ..jobs import BatchTargets, CamOptions, target_label
     from ..pipeline import model_batch, prepare_image
     from ..trace import format_trace, trace_model
 
     loaded = load(model, model_args, quiet)
     class_index = loaded.class_index(class_value) if class_value is not None else None
+    spec = target_spec(loaded, score, [class_index] if class_index is not None else [], 1)
+    if spec.kind == "detection":
+        raise UsageError("trace explains classes, regions and similarities; for a detection model use gradcam")
     prepared = prepare_image(Path(image), Path(image).stem, loaded.preprocessing, crop)  # InputError: exit 1
+    options = CamOptions(out_dir=Path("."), layer="", classes=[class_index] if class_index is not None else None)
+    target, region_errors = BatchTargets(loaded, replace(options, target=spec))([prepared])
     result = trace_model(
-        loaded.module, model_batch([prepared], loaded), class_index=class_index, output_key=loaded.output_key
+        loaded.module,
+        model_batch([prepared], loaded),
+        class_index=class_index,
+        output_key=loaded.output_key,
+        target=None if spec.kind == "class" else target,
     )
+    if region_errors and region_errors[0]:
+        raise InputError(f"{image}: {region_errors[0]}")
     say(json_line(result.as_json()) if as_json else format_trace(result))
     if not quiet:
-        label = loaded.label(result.classes[0])
+        label = target_label(loaded, spec, result.classes[0])
         note(
             f"traced {len(result.forward)} module calls and {len(result.backward)} gradients "
             f"for class {result.classes[0]} ({label})"

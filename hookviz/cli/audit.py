@@ -144,6 +144,8 @@ def audit(
         cmap=cmap,
         score_batch_size=run.batch_size or default_batch_size(loaded.device),
         caption=not no_caption,
+        file_format=run.file_format,
+        quality=run.quality,
     )
     job = LabelledCamJob(loaded, options, labels, explain)
     job.command = "audit"  # the manifest and the gallery name the run an audit

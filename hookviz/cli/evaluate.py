@@ -110,6 +110,8 @@ def evaluate(
     from ..output import input_identity, write_png
 
     metrics = check_metrics(metric_names or DEFAULT_METRICS)
+    if run.file_format != "png":
+        raise UsageError(f"evaluate writes its figures as PNG only; drop --format {run.file_format}")
     if truth_file is not None and truth_masks is not None:
         raise UsageError("give either --truth or --truth-masks, not both")
     truth = None

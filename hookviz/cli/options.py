@@ -214,6 +214,8 @@ class RunArgs:
     as_json: bool
     quiet: bool
     verbose: bool
+    file_format: str
+    quality: int | None
 
 
 run_options = option_group(
@@ -245,6 +247,21 @@ run_options = option_group(
         json_option("Print one JSON object per input on stdout (JSON Lines)."),
         quiet_option,
         click.option("-v", "--verbose", is_flag=True, help="One line per input and a timing summary on stderr."),
+        click.option(
+            "--format",
+            "file_format",
+            type=click.Choice(["png", "jpg", "webp"]),
+            default="png",
+            show_default=True,
+            help="Picture format: PNG (lossless, text metadata), or JPEG/WebP (several times faster to write and "
+            "a tenth of the size; the metadata in EXIF).",
+        ),
+        click.option(
+            "--quality",
+            type=click.IntRange(1, 100),
+            metavar="N",
+            help="JPEG/WebP quality, 1-100 (default: 90).",
+        ),
     ],
 )
 
@@ -320,6 +337,83 @@ target_options = option_group(
             multiple=True,
             metavar="NAME",
             help="Target layer (default: the last spatial layer; see 'hookviz layers'). gradcam fuses several.",
+        ),
+    ],
+)
+
+
+@dataclass(frozen=True)
+class ScoreArgs:
+    """Which score of the model's output is explained, for models other than plain classifiers (hookviz.targets)."""
+
+    activation: str | None
+    region: str | None
+    mask: str | None
+    similar_to: str | None
+    embedding_layer: str | None
+    boxes: int | None
+    min_score: float | None
+
+    @property
+    def given(self) -> list[str]:
+        """The options given, as the user typed them (for errors naming what does not fit the model)."""
+        names = {
+            "activation": "--activation",
+            "region": "--region",
+            "mask": "--mask",
+            "similar_to": "--similar-to",
+            "embedding_layer": "--embedding-layer",
+            "boxes": "--boxes",
+            "min_score": "--min-score",
+        }
+        return [flag for key, flag in names.items() if getattr(self, key) is not None]
+
+
+score_options = option_group(
+    ScoreArgs,
+    "score",
+    [
+        click.option(
+            "--activation",
+            type=click.Choice(["softmax", "sigmoid", "none"]),
+            help="What captions and predictions show: softmax, sigmoid (multi-label, binary) or none (raw value; "
+            "default for a single-output model, whose -c 1 explains the output and -c 0 its negative).",
+        ),
+        click.option(
+            "--region",
+            metavar="X0,Y0,X1,Y1",
+            help="Segmentation: explain the class's logits summed over this box of the original image (default: "
+            "over the pixels predicted as the class).",
+        ),
+        click.option(
+            "--mask",
+            type=click.Path(dir_okay=False),
+            metavar="FILE",
+            help="Segmentation: as --region, over the nonzero pixels of a mask image of the photo's size.",
+        ),
+        click.option(
+            "--similar-to",
+            type=click.Path(dir_okay=False),
+            metavar="REF",
+            help="Explain the cosine similarity of each image's embedding to REF's (the model's output, or --output "
+            "KEY, or --embedding-layer's pooled output).",
+        ),
+        click.option(
+            "--embedding-layer",
+            metavar="NAME",
+            help="With --similar-to: the embedding is this layer's output averaged over its positions.",
+        ),
+        click.option(
+            "--boxes",
+            type=click.IntRange(min=1),
+            metavar="N",
+            help="Detection models: explain the N highest-scoring detections (default 5).",
+        ),
+        click.option(
+            "--min-score",
+            type=click.FloatRange(0, 1),
+            metavar="S",
+            help="Detection models: only detections scoring at least S (default 0.5).",
         ),
     ],
 )

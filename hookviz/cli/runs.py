@@ -11,13 +11,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .options import ModelArgs, RunArgs, TargetArgs
+from .options import ModelArgs, RunArgs, ScoreArgs, TargetArgs
 from .report import note, report_records, summary_line
 
 if TYPE_CHECKING:
     from ..layers import ModelTrace
     from ..models import LoadedModel
     from ..pipeline import Job
+    from ..targets import TargetSpec
 
 
 def load(spec: str, model_args: ModelArgs, quiet: bool) -> LoadedModel:
@@ -32,20 +33,23 @@ def load(spec: str, model_args: ModelArgs, quiet: bool) -> LoadedModel:
     return loaded
 
 
-def explained(spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool) -> tuple[LoadedModel, list[int], str]:
+def explained(
+    spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool, score: ScoreArgs | None = None
+) -> tuple[LoadedModel, list[int], str]:
     """Load the model, resolve the --class values and the one target layer (the default one when -l is omitted)."""
     from ..errors import UsageError
 
     if len(target.layer_names) > 1:
         raise UsageError("this command explains one layer; give -l once (gradcam fuses several)")
-    loaded, classes, layers = explained_layers(spec, model_args, target, quiet)
+    loaded, classes, layers = explained_layers(spec, model_args, target, quiet, score)
     return loaded, classes, layers[0]
 
 
 def explained_layers(
-    spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool
+    spec: str, model_args: ModelArgs, target: TargetArgs, quiet: bool, score: ScoreArgs | None = None
 ) -> tuple[LoadedModel, list[int], list[str]]:
-    """Load the model, resolve the --class values and the target layers (the default one when -l is omitted)."""
+    """Load the model, resolve the --class values and the target layers (the default one when -l is omitted;
+    with ``--embedding-layer``, none that finishes after it: a later layer cannot change the embedding)."""
     from ..errors import UsageError
     from ..hooks import resolve_layers
 
@@ -64,6 +68,8 @@ def explained_layers(
         layer = trace.default_cam_layer()
         if layer is None:
             raise UsageError("the model has no layer with a spatial output to explain; name one with -l")
+        if score is not None and score.embedding_layer is not None:
+            layer = last_layer_before(trace, layer, score.embedding_layer)
         if not quiet:
             note(f"layer: {layer} (default; choose another with -l)")
         calls = {info.name: info.calls for info in trace.layers if info.name == layer}  # no second probe pass
@@ -72,6 +78,17 @@ def explained_layers(
     if not quiet:
         note_repeated_layers(loaded, layers, calls)
     return loaded, classes, layers
+
+
+def last_layer_before(trace: ModelTrace, layer: str, embedding_layer: str) -> str:
+    """``layer``, or when it finishes after ``embedding_layer`` (which it then cannot change), the last spatial
+    layer finishing no later than the embedding layer (often that layer itself)."""
+    order = trace.finish_order
+    if layer not in order or embedding_layer not in order or order.index(layer) < order.index(embedding_layer):
+        return layer
+    spatial = {info.name for info in trace.layers if info.is_spatial}
+    earlier = [name for name in order[: order.index(embedding_layer) + 1] if name in spatial]
+    return earlier[-1] if earlier else layer
 
 
 def note_repeated_layers(loaded: LoadedModel, layers: list[str], calls: Mapping[str, int] | None = None) -> None:
@@ -119,7 +136,7 @@ def check_classes(loaded: LoadedModel, classes: list[int], top_k: int, labels_gi
     from ..errors import UsageError
 
     count = loaded.output_count()
-    if count is None:
+    if count is None or count == 1:  # not a classifier, or a single output (hookviz.targets.ClassTarget checks it)
         return
     for index in classes:
         if not 0 <= index < count:
@@ -131,6 +148,85 @@ def check_classes(loaded: LoadedModel, classes: list[int], top_k: int, labels_gi
             f"--labels gives {len(loaded.labels)} class names but the model has {count} outputs; "
             "pass the class names of this model, one per output"
         )
+
+
+def target_spec(loaded: LoadedModel, score: ScoreArgs, classes: list[int], top_k: int) -> TargetSpec:
+    """What the run explains, from the model's output and the score options; one-line errors for options that do
+    not fit the model (checked before any image is read)."""
+    from ..errors import UsageError
+    from ..targets import ClassTarget, TargetSpec, parse_region, read_mask
+
+    task = getattr(loaded, "task", "classification")
+    given = score.given
+    if task == "detection":
+        misfit = [flag for flag in given if flag not in ("--boxes", "--min-score")]
+        if misfit:
+            raise UsageError(f"{misfit[0]} does not apply to a detection model; use --boxes and --min-score")
+        if classes or top_k != 1:
+            raise UsageError(
+                "--class and --top-k do not apply to a detection model: --boxes N and --min-score S choose the boxes"
+            )
+        return TargetSpec(kind="detection")
+    for flag in ("--boxes", "--min-score"):
+        if flag in given:
+            raise UsageError(f"{flag} applies to detection models; {loaded.spec} is not one (its output is not boxes)")
+    if score.embedding_layer is not None and score.similar_to is None:
+        raise UsageError("--embedding-layer goes with --similar-to REF; add the reference image")
+    if score.region is not None and score.mask is not None:
+        raise UsageError("give either --region or --mask, not both")
+    if score.similar_to is not None:
+        misfit = [flag for flag in given if flag not in ("--similar-to", "--embedding-layer")]
+        if misfit:
+            raise UsageError(f"{misfit[0]} does not go with --similar-to, which explains a similarity, not a class")
+        if classes or top_k != 1:
+            raise UsageError("--similar-to explains one similarity per image; drop --class and --top-k")
+        if not Path(score.similar_to).is_file():
+            raise UsageError(f"--similar-to {score.similar_to}: file not found; give the reference image's path")
+        return TargetSpec(kind="similarity", reference=score.similar_to, embedding_layer=score.embedding_layer)
+    shape = loaded.output_shape() or ()  # the probe output_count made: no second forward pass
+    if len(shape) == 4 or task == "segmentation":
+        if score.activation is not None:
+            raise UsageError(
+                "--activation applies to classifiers; a segmentation map shows each class's share of pixels"
+            )
+        for index in classes:
+            if not 0 <= index < shape[1]:
+                raise UsageError(f"--class {index} is out of range: this model has classes 0..{shape[1] - 1}")
+        if not classes and top_k > shape[1]:
+            raise UsageError(f"--top-k {top_k} is more than the model's {shape[1]} classes")
+        if score.mask is not None:
+            read_mask(score.mask)  # an unreadable mask fails before any image is read
+        region = parse_region(score.region) if score.region is not None else None
+        return TargetSpec(kind="segmentation", region=region, mask=score.mask)
+    for flag in ("--region", "--mask"):
+        if flag in given:
+            raise UsageError(
+                f"{flag} applies to segmentation models (output N, classes, H, W); this model's output is {shape}"
+            )
+    outputs = shape[1] if len(shape) == 2 else 1
+    resolved = ClassTarget(tuple(classes), top_k, score.activation).resolved(outputs)
+    return TargetSpec(kind=resolved.kind, activation=resolved.activation)
+
+
+def check_target_fits(
+    spec: TargetSpec, method: str, *, aug_smooth: bool = False, metrics: Any = (), expected: str | None = None
+) -> None:
+    """Refuse what cannot explain the target: a method, smoothing, --metric or --expected (class logits only)."""
+    from ..cams import check_target
+    from ..errors import UsageError
+
+    if spec.kind == "class":
+        return
+    if spec.kind == "detection":
+        for flag, given in (("--metric", bool(metrics)), ("--expected", expected is not None)):
+            if given:
+                raise UsageError(f"{flag} scores class probabilities, not detections; drop it for this model")
+        return  # hookviz.detection checks its methods and smoothing
+    what = {"binary": "a single output", "segmentation": "a segmentation class", "similarity": "a similarity"}
+    for flag, given in (("--metric", bool(metrics)), ("--expected", expected is not None)):
+        if given:
+            raise UsageError(f"{flag} scores class probabilities, not {what[spec.kind]}; drop it for this model")
+    check_target(spec.kind, method, aug_smooth=aug_smooth)
 
 
 def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunArgs, print_outputs: bool = True) -> int:

@@ -122,6 +122,8 @@ def saliency(
             save_raw=save_raw,
             batch_size=run.batch_size or default_batch_size(loaded.device),
             caption=not no_caption,
+            file_format=run.file_format,
+            quality=run.quality,
         ),
     )
     sys.exit(run_batch(loaded, job, images, run))
