@@ -419,3 +419,12 @@ def test_similarity_on_the_pretrained_demo_model_finds_the_cat(
         assert output["layer"] == "_conv_head"  # the embedding layer is the default layer to explain
         assert 0 < record["similarity"] < 1
         assert _mass_inside(np.load(output["raw"]), box) > 0.7
+
+
+def test_evaluate_refuses_models_without_class_probabilities(segmenter, regressor, squares_photo: Path) -> None:
+    for model, what in ((regressor[0], "a single output"), (segmenter[0], "an output of shape (1, 3, 64, 64)")):
+        assert_usage_error(
+            hookviz("evaluate", model, squares_photo, *RAW, "-l", "features", "-q"),
+            "evaluate scores maps by class probabilities (the softmax of several outputs), and this model gives "
+            f"{what}" + (" (segmentation?)" if "shape" in what else "") + "; explain it with gradcam",
+        )

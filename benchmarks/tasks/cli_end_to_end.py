@@ -399,5 +399,34 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Also: once running, hookviz PNG ÷ the script {ratios['script_256_running']:.2f}x; JPEG ÷ floor "
         f"{ratios['floor_256_jpeg']:.2f}x; JPEG ÷ PNG over the whole run {ratios['jpg_vs_png_whole']:.2f}x.",
+        "",
+        *bounds(result, met),
     ]
     return "\n".join(lines)
+
+
+def bounds(result: dict[str, Any], met: dict[str, bool]) -> list[str]:
+    """What bounds each missed target, from the measured stages (the numbers above, not a fixed text)."""
+    large = max(result["sizes"].values(), key=lambda size: size["images"])
+
+    def stage(tool: str, name: str) -> float:
+        runs = [extra.get("stages") or {} for extra in large["tools"][tool].get("extra") or [] if "stages" in extra]
+        return median([run.get(name, 0.0) for run in runs]) if runs else float("nan")
+
+    png = large["tools"]["hookviz PNG"]
+    notes = []
+    if not met["script_256"] or not met["script_64"]:
+        first = _median_extra(png, "first_output_s")
+        notes.append(
+            f"What bounds the ratios to the script: hookviz runs at {result['ratios']['floor_256']:.2f}x its model-only "
+            f"floor once running, after {first:.2f} s to its first output (importing torch and loading the program); "
+            "its whole run is start-up plus the model's own Grad-CAM, so a higher ratio needs a slower script, not a "
+            "faster hookviz."
+        )
+    if not met["jpg_vs_png"]:
+        notes.append(
+            f"What bounds `--format jpg`: it cuts the writer's encoding from {stage('hookviz PNG', 'encode'):.2f} s to "
+            f"{stage('hookviz JPEG', 'encode'):.2f} s, but the writer overlaps the model "
+            f"({stage('hookviz PNG', 'model'):.2f} s), which bounds both runs on this machine's cores."
+        )
+    return notes

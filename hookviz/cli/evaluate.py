@@ -130,6 +130,7 @@ def evaluate(
     if truth is not None and not metric_names:
         metrics += list(TRUTH_METRICS)
     loaded, classes, layers = explained_layers(model, model_args, target, run.quiet)
+    check_classifier(loaded)
     chosen = list(dict.fromkeys(methods)) or [*applicable_methods(loaded, layers[0], run.quiet), "random"]
     paths = collect_inputs(images)
     options = EvaluateOptions(
@@ -222,3 +223,23 @@ def gradcam_metrics(names: tuple[str, ...]) -> list[str]:
         if name not in ("deletion", "insertion", "drop", "increase", "road"):
             raise UsageError(f"gradcam --metric {name}: use 'hookviz evaluate --metric {name}' for it")
     return metrics
+
+
+def check_classifier(loaded: LoadedModel) -> None:
+    """evaluate's metrics are class probabilities (softmax): refuse, in one line, models without several classes."""
+    from ..errors import UsageError
+
+    shape = loaded.output_shape()
+    if shape is not None and len(shape) == 2 and shape[1] > 1:
+        return
+    kind = (
+        "a detector's boxes"
+        if shape is None
+        else "a single output"
+        if len(shape) <= 2
+        else f"an output of shape {shape} (segmentation?)"
+    )
+    raise UsageError(
+        f"evaluate scores maps by class probabilities (the softmax of several outputs), and this model gives {kind}; "
+        "explain it with gradcam"
+    )
