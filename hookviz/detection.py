@@ -30,12 +30,11 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import nn
 
 from .cams import GRADIENT_RULES, constant_maps, eigencam, first_component
@@ -46,7 +45,7 @@ from .methods import CAM_METHODS, GRADIENT_METHODS
 from .models import LoadedModel
 from .output import DEFAULT_QUALITY, image_suffix, write_image, write_npy
 from .pipeline import PreparedImage, Record, model_batch
-from .render import captioned, heat_in_image, normalize_map, overlay, to_pil
+from .render import captioned, font, heat_in_image, normalize_map, overlay, to_pil
 
 DETECTION_METHODS = (*GRADIENT_METHODS, "eigencam")
 IOU_THRESHOLD = 0.5  # a gradient-carrying detection stands for an explained one from this IoU on (same label)
@@ -673,14 +672,6 @@ def to_original(
     return [left + x0 * scale_x, top + y0 * scale_y, left + x1 * scale_x, top + y1 * scale_y]
 
 
-@lru_cache(maxsize=8)
-def _tag_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def draw_box(picture: Image.Image, box: Sequence[float], text: str) -> Image.Image:
     """``picture`` with ``box`` (its pixels) outlined and ``text`` on a dark tag at its top-left corner (inside
     the box when there is no room above it)."""
@@ -690,13 +681,13 @@ def draw_box(picture: Image.Image, box: Sequence[float], text: str) -> Image.Ima
     x0, y0, x1, y1 = (round(v) for v in box)
     draw.rectangle((x0 - 1, y0 - 1, x1 + 1, y1 + 1), outline=BOX_OUTLINE, width=width + 2)
     draw.rectangle((x0, y0, x1, y1), outline=BOX_COLOUR, width=width)
-    font = _tag_font(max(10, min(24, side // 28)))
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    tag_font = font(max(10, min(24, side // 28)))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=tag_font)
     tag_w, tag_h = right - left + 6, bottom - top + 6
     tag_x = min(max(0, x0), max(0, picture.width - tag_w))
     tag_y = y0 - tag_h if y0 - tag_h >= 0 else max(0, y0)
     draw.rectangle((tag_x, tag_y, tag_x + tag_w, tag_y + tag_h), fill=BOX_OUTLINE)
-    draw.text((tag_x + 3 - left, tag_y + 3 - top), text, fill=BOX_COLOUR, font=font)
+    draw.text((tag_x + 3 - left, tag_y + 3 - top), text, fill=BOX_COLOUR, font=tag_font)
     return picture
 
 

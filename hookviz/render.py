@@ -191,7 +191,8 @@ def _dimmed(image: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` pixels (cached), or its bitmap font where Pillow has no FreeType."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
@@ -222,12 +223,12 @@ def captioned(picture: Image.Image, text: str) -> tuple[Image.Image, int]:
     while size > MIN_CAPTION_FONT and _text_width(draw, text, size) > picture.width - 2 * pad:
         size -= 1
     text = _elided(draw, text, size, picture.width - 2 * pad)
-    font = _font(size)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    chosen = font(size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=chosen)
     band_top = picture.height - int(bottom - top) - 2 * pad
     band = picture.crop((0, band_top, picture.width, picture.height))
     picture.paste(Image.eval(band, lambda value: int(value * CAPTION_DIMMING)), (0, band_top))
-    draw.text((pad - left, band_top + pad - top), text, fill=(255, 255, 255), font=font)
+    draw.text((pad - left, band_top + pad - top), text, fill=(255, 255, 255), font=chosen)
     return picture, scale
 
 
@@ -247,20 +248,20 @@ def titled(picture: Image.Image, title: str, colorbar: tuple[str, float, float] 
     canvas.paste(picture, (0, band))
     draw = ImageDraw.Draw(canvas)
     text = _elided(draw, title, TITLE_FONT, canvas.width - 8)
-    left, top, _, _ = draw.textbbox((0, 0), text, font=_font(TITLE_FONT))
-    draw.text((4 - left, 5 - top), text, fill=(20, 20, 20), font=_font(TITLE_FONT))
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font(TITLE_FONT))
+    draw.text((4 - left, 5 - top), text, fill=(20, 20, 20), font=font(TITLE_FONT))
     if colorbar:
         cmap, _, _ = colorbar
         height = picture.height
         ramp = torch.linspace(1, 0, height)[:, None].expand(height, COLORBAR_WIDTH)
         canvas.paste(to_pil(apply_colormap(ramp, cmap)), (picture.width + 6, band))
         for text, y in zip(labels, (band, band + height - 12), strict=True):
-            draw.text((picture.width + 8 + COLORBAR_WIDTH, y), text, fill=(20, 20, 20), font=_font(11))
+            draw.text((picture.width + 8 + COLORBAR_WIDTH, y), text, fill=(20, 20, 20), font=font(11))
     return canvas
 
 
 def _text_width(draw: ImageDraw.ImageDraw, text: str, size: int) -> float:
-    left, _, right, _ = draw.textbbox((0, 0), text, font=_font(size))
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font(size))
     return right - left
 
 
@@ -280,8 +281,8 @@ def _elided(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> str:
 def draw_labels(image: Image.Image, positions: list[tuple[int, int]], labels: list[str], size: int) -> None:
     """Small labels (e.g. channel indices) at the given top-left positions."""
     draw = ImageDraw.Draw(image)
-    font = _font(size)
+    chosen = font(size)
     for (x, y), text in zip(positions, labels, strict=True):
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        left, top, right, bottom = draw.textbbox((x, y), text, font=chosen)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
-        draw.text((x, y), text, fill=(255, 255, 255), font=font)
+        draw.text((x, y), text, fill=(255, 255, 255), font=chosen)

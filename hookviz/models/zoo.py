@@ -410,7 +410,7 @@ def _builds_with_shapes(name: str, num_classes: int, shapes: Shapes) -> bool:
 
 def build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detected: bool) -> LoadedModel:
     """torchvision architecture ``arch`` with the weights ``state`` (read from file ``spec``), strictly loaded."""
-    from torchvision.models import get_model, get_model_weights
+    from torchvision.models import get_model
 
     names = classification_model_names()
     if arch not in names:
@@ -427,13 +427,7 @@ def build_arch(arch: str, state: Mapping[str, torch.Tensor], spec: str, detected
         )
     except (RuntimeError, TypeError, ValueError) as exc:
         raise UsageError(f"{spec} does not fit --arch {arch} ({type(exc).__name__}: {exc}); {fix}") from None
-    misfit = state_dict_misfit(module.state_dict(), state)
-    if misfit:
-        raise UsageError(f"{spec} does not fit --arch {arch} ({misfit}); {fix}")
-    module.load_state_dict(state, strict=True)
-    reference = get_model_weights(arch).DEFAULT
-    categories = reference.meta.get("categories")
-    labels = list(categories) if categories and num_classes in (None, len(categories)) else None
+    reference, labels = _loaded_checked(module, state, spec, arch, fix, num_classes)
     how = "detected" if detected else "given"
     return LoadedModel(
         module,
@@ -448,7 +442,7 @@ def _build_task_arch(arch: str, task: str, state: Mapping[str, torch.Tensor], sp
     """A segmentation or detection architecture with the weights ``state``: its number of classes is read from the
     parameters whose size is a multiple of the default's (a box regressor has 4 per class, RetinaNet 9 anchors per
     class), and a segmentation model gets its auxiliary head when the file has one."""
-    from torchvision.models import get_model, get_model_weights
+    from torchvision.models import get_model
 
     fix = "check --arch, or export the model to .pt2"
     options: dict[str, Any] = {"weights": None, "weights_backbone": None}
@@ -477,13 +471,7 @@ def _build_task_arch(arch: str, task: str, state: Mapping[str, torch.Tensor], sp
             break
     if num_classes != default:
         module = build(num_classes=num_classes)
-    misfit = state_dict_misfit(module.state_dict(), state)
-    if misfit:
-        raise UsageError(f"{spec} does not fit --arch {arch} ({misfit}); {fix}")
-    module.load_state_dict(state, strict=True)
-    reference = get_model_weights(arch).DEFAULT
-    categories = reference.meta.get("categories")
-    labels = list(categories) if categories and num_classes == len(categories) else None
+    reference, labels = _loaded_checked(module, state, spec, arch, fix, num_classes)
     if task == "segmentation":
         preprocessing = segmentation_preprocessing(reference)
     else:
@@ -493,6 +481,23 @@ def _build_task_arch(arch: str, task: str, state: Mapping[str, torch.Tensor], sp
     if task == "segmentation":
         loaded.output_key = "out"
     return loaded
+
+
+def _loaded_checked(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], spec: str, arch: str, fix: str, num_classes: int | None
+) -> tuple[Any, list[str] | None]:
+    """Load ``state`` into ``module`` (a one-line UsageError naming the misfit when it does not fit); return the
+    architecture's DEFAULT weights (for their transforms) and their category names when the class count agrees."""
+    from torchvision.models import get_model_weights
+
+    misfit = state_dict_misfit(module.state_dict(), state)
+    if misfit:
+        raise UsageError(f"{spec} does not fit --arch {arch} ({misfit}); {fix}")
+    module.load_state_dict(state, strict=True)
+    reference = get_model_weights(arch).DEFAULT
+    categories = reference.meta.get("categories")
+    labels = list(categories) if categories and num_classes in (None, len(categories)) else None
+    return reference, labels
 
 
 def state_dict_misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
