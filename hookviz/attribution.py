@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cams import batched_gradients, choose_classes, compute_cams
+from .cams import batched_gradients, compute_cams
 from .errors import UsageError, did_you_mean
 from .forward import run_model, select_logits
 from .guided import guided_backprop
 from .hooks import preserved_state
 from .methods import SALIENCY_METHODS
+from .targets import choose_classes
 
 BASELINES = ("black", "blur", "noise")
 # How Integrated Gradients approximates its path integral (Captum's names). Captum's "riemann_trapezoid" weighs

@@ -26,7 +26,7 @@ from .hooks import capture, hook_handles, layer_call, preserved_state
 from .methods import CAM_METHODS, GRADIENT_METHODS
 from .render import normalize_map
 from .spatial import Layout, spatial_output, to_spatial
-from .targets import ClassTarget, Target
+from .targets import TARGET_NOUNS, ClassTarget, Target
 
 EPS = 1e-7
 METHODS = CAM_METHODS
@@ -168,19 +168,6 @@ def constant_maps(maps: torch.Tensor) -> torch.Tensor:
     return (flat.max(dim=-1).values - flat.min(dim=-1).values) <= 0
 
 
-def choose_classes(logits: torch.Tensor, classes: Sequence[int] | None, top_k: int) -> torch.Tensor:
-    """(B, K) class indices: the given ones for every image, else each image's top-k predictions."""
-    num_classes = logits.shape[1]
-    if classes:
-        for index in classes:
-            if not 0 <= index < num_classes:
-                raise UsageError(f"--class {index} is out of range: this model has classes 0..{num_classes - 1}")
-        return torch.tensor(list(classes), device=logits.device).expand(logits.shape[0], -1)
-    if top_k > num_classes:
-        raise UsageError(f"--top-k {top_k} is more than the model's {num_classes} classes")
-    return logits.topk(top_k, dim=1).indices
-
-
 @overload
 def batched_gradients(scores: torch.Tensor, activation: torch.Tensor) -> torch.Tensor: ...
 @overload
@@ -282,11 +269,7 @@ def check_target(kind: str, method: str, *, aug_smooth: bool) -> None:
     """Refuse a method or option that cannot explain a target of this ``kind`` (``Target.kind``; one-line UsageErrors)."""
     if kind == "class":
         return
-    what = {
-        "binary": "a single output",
-        "segmentation": "a segmentation class",
-        "similarity": "a similarity",
-    }.get(kind, kind)
+    what = TARGET_NOUNS.get(kind, kind)
     if method in ("cam", "scorecam", "ablationcam"):
         raise UsageError(
             f"-m {method} explains class logits, not {what}; use one of: {', '.join(GRADIENT_METHODS)}, eigencam"

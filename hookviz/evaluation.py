@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .cams import choose_classes
 from .errors import InputError, UsageError, shown
 from .metrics import (
     INSENSITIVE_SPEARMAN,
@@ -47,6 +46,7 @@ from .output import atomic_write, write_png
 from .pipeline import PreparedImage, Record, model_batch
 from .render import heat_in_image, normalize_map, overlay, to_pil
 from .tables import format_table
+from .targets import choose_classes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -230,11 +230,6 @@ class CamOptions:
         return f"{safe_name(method)}_{safe_name(self.layer)}"
 
     @property
-    def target_percent(self) -> bool:
-        """Captions print the shown values as percentages (probabilities), not raw numbers (--activation none)."""
-        return self.target.activation != "none"
-
-    @property
     def layer_caption(self) -> str:
         """The layer part of a caption: "layer4", or "layer3 + layer4 (mean)" for fused layers, with smoothing."""
         text = self.layer if len(self.explained_layers) == 1 else f"{' + '.join(self.layers)} ({self.fuse})"
@@ -255,14 +250,14 @@ class ScoredCamBatch(CamBatch):
 class BatchTargets:
     """Each batch's ``Target`` from the run's ``TargetSpec`` (the reference embedding and the mask read once)."""
 
-    def __init__(self, loaded: LoadedModel, options: CamOptions):
-        self.loaded, self.options = loaded, options
+    def __init__(self, loaded: LoadedModel, spec: TargetSpec, classes: Sequence[int] | None = None, top_k: int = 1):
+        self.loaded, self.spec, self.classes, self.top_k = loaded, spec, tuple(classes or ()), top_k
         self._reference: torch.Tensor | None = None  # --similar-to's embedding, computed on first use
-        self._mask: torch.Tensor | None = read_mask(options.target.mask) if options.target.mask else None
+        self._mask: torch.Tensor | None = read_mask(spec.mask) if spec.mask else None
 
     def __call__(self, batch: list[PreparedImage]) -> tuple[Target, list[str | None] | None]:
         """The target of this batch, and for a region or mask each image's error (None where it fits)."""
-        options, spec = self.options, self.options.target
+        spec = self.spec
         if spec.kind == "similarity":
             if self._reference is None:
                 self._reference = reference_embedding(self.loaded, spec)
@@ -277,8 +272,8 @@ class BatchTargets:
                     errors.extend(found)
                     return weights
 
-            return SegmentationTarget(tuple(options.classes or ()), options.top_k, region_of=region_of), errors
-        return ClassTarget(tuple(options.classes or ()), options.top_k, spec.activation), None
+            return SegmentationTarget(self.classes, self.top_k, region_of=region_of), errors
+        return ClassTarget(self.classes, self.top_k, spec.activation), None
 
 
 class CamJob:
@@ -289,7 +284,7 @@ class CamJob:
     def __init__(self, loaded: LoadedModel, options: CamOptions):
         self.loaded, self.options = loaded, options
         self.layer_calls: dict[str, int] | None = None  # learnt from the first batch: see compute_cams
-        self.targets = BatchTargets(loaded, options)
+        self.targets = BatchTargets(loaded, options.target, options.classes, options.top_k)
 
     def settings(self) -> dict[str, Any]:
         return _settings(
@@ -325,12 +320,10 @@ class CamJob:
         picture = image_suffix(options.file_format)
         if options.method in CLASS_INDEPENDENT:
             return [f"{options.file_stem}{picture}"]
-        if not options.target.has_classes:
-            return [f"{options.file_stem}{_similarity_suffix(options.target)}{picture}"]
-        suffix = options.target.name_suffix
-        patterns = [f"{options.file_stem}_c{c}{suffix}{picture}" for c in _class_patterns(options)]
+        explained = [options.target.file_part(c) for c in _class_patterns(options)]
+        patterns = [f"{options.file_stem}{what}{picture}" for what in explained]
         if options.target.kind == "segmentation":
-            patterns += [f"seg_c{c}{suffix}.png" for c in _class_patterns(options)]
+            patterns += [f"seg{what}.png" for what in explained]
         return patterns
 
     def compute(self, batch: list[PreparedImage]) -> CamBatch:
@@ -377,10 +370,8 @@ class CamJob:
         if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(result.maps[index]).all()):
             return _not_finite(item, "class scores")
         scored = result if isinstance(result, ScoredCamBatch) else None
-        if scored is not None and scored.region_errors and scored.region_errors[index]:
-            return Record(
-                input=str(item.path), status="error", error=f"{shown(item.path)}: {scored.region_errors[index]}"
-            )
+        if scored is not None and (problem := _region_problem(scored.region_errors, index)):
+            return _failed(item, problem)
         record = _record(self.loaded, item, result.probabilities[index], options)
         class_independent = options.method in CLASS_INDEPENDENT
         classes = result.classes[index].tolist()
@@ -398,12 +389,12 @@ class CamJob:
             caption = f"class-independent | {method_at_layer}"
             if not spec.has_classes:
                 named = (None, None, value)
-                caption = f"{spec.caption_value(value, False)} | {method_at_layer}"
-                name += _similarity_suffix(spec)
+                caption = f"{spec.caption_value(value)} | {method_at_layer}"
+                name += spec.file_part(class_index)
             elif not class_independent:
                 named = (class_index, label, value)
-                caption = f"{label} {spec.caption_value(value, options.target_percent)} | {method_at_layer}"
-                name += f"_c{class_index}{spec.name_suffix}"
+                caption = f"{label} {spec.caption_value(value)} | {method_at_layer}"
+                name += spec.file_part(class_index)
             picture, scale = _captioned(picture, caption, options)
             shown_class, shown_label, shown_probability = named
             output = _write_class_output(
@@ -429,7 +420,7 @@ class CamJob:
                     mask_picture = _captioned(
                         segmentation_picture(item, pixels, class_index), f"{label}: predicted pixels", options
                     )[0]
-                    mask_path = options.out_dir / item.stem / f"seg_c{class_index}{spec.name_suffix}.png"
+                    mask_path = options.out_dir / item.stem / f"seg{spec.file_part(class_index)}.png"
                     metadata = {
                         "hookviz:class": str(class_index),
                         "hookviz:label": label,
@@ -457,10 +448,6 @@ class CamJob:
                 options.tensorboard.add(f"{options.method}/{options.layer}{rank}", picture, str(item.path))
             record.outputs.append(output)
         return record
-
-
-def _similarity_suffix(spec: TargetSpec) -> str:
-    return f"_sim-{safe_name(Path(spec.reference or 'reference').stem)}"
 
 
 def target_label(loaded: LoadedModel, spec: TargetSpec, class_index: int) -> str:
@@ -672,20 +659,14 @@ class GuidedJob:
 
     def __init__(self, loaded: LoadedModel, options: CamOptions):
         self.loaded, self.options = loaded, options
-        self.targets = BatchTargets(loaded, options)
-        self._region_errors: list[str | None] | None = None
+        self.targets = BatchTargets(loaded, options.target, options.classes, options.top_k)
 
     def settings(self) -> dict[str, Any]:
         return _settings(self.options, **self.options.target.settings())
 
     def output_patterns(self) -> list[str]:
         layer, suffix = safe_name(self.options.layer), image_suffix(self.options.file_format)
-        spec = self.options.target
-        explained = (
-            [f"_c{c}{spec.name_suffix}" for c in _class_patterns(self.options)]
-            if spec.has_classes
-            else [_similarity_suffix(spec)]
-        )
+        explained = [self.options.target.file_part(c) for c in _class_patterns(self.options)]
         return [
             pattern
             for what in explained
@@ -716,22 +697,20 @@ class GuidedJob:
         options = self.options
         if not bool(torch.isfinite(result.probabilities[index]).all() and torch.isfinite(result.guided[index]).all()):
             return _not_finite(item, "class scores")
-        if result.region_errors and result.region_errors[index]:
-            return Record(
-                input=str(item.path), status="error", error=f"{shown(item.path)}: {result.region_errors[index]}"
-            )
+        if problem := _region_problem(result.region_errors, index):
+            return _failed(item, problem)
         spec = options.target
         record = _record(self.loaded, item, result.probabilities[index], options)
         for k, class_index in enumerate(result.classes[index].tolist()):
             label = target_label(self.loaded, spec, class_index)
             probability = float(result.probabilities[index, class_index])
-            shown_value = spec.caption_value(probability, options.target_percent)
+            shown_value = spec.caption_value(probability)
             for method, gradients in (("guided", result.guided), ("guided-gradcam", result.guided_gradcam)):
                 picture = _gradient_picture(gradients[index, k], item)
                 at_layer = "" if method == "guided" else f" @ {options.layer}"
                 subject = shown_value if not spec.has_classes else f"{label} {shown_value}"
                 picture, scale = _captioned(picture, f"{subject} | {method}{at_layer}", options)
-                what = f"_c{class_index}{spec.name_suffix}" if spec.has_classes else _similarity_suffix(spec)
+                what = spec.file_part(class_index)
                 name = f"{method}{what}" if method == "guided" else f"{method}_{safe_name(options.layer)}{what}"
                 record.outputs.append(
                     _write_class_output(
@@ -751,13 +730,21 @@ class GuidedJob:
         return record
 
 
+def _region_problem(errors: list[str | None] | None, index: int) -> str | None:
+    """Why image ``index``'s --region or --mask does not fit it (``BatchTargets``), or None."""
+    return errors[index] if errors else None
+
+
+def _failed(item: PreparedImage, problem: str) -> Record:
+    """The record of an input that failed (``problem``: what and how to fix it); the run goes on."""
+    return Record(input=str(item.path), status="error", error=f"{shown(item.path)}: {problem}")
+
+
 def _not_finite(item: PreparedImage, what: str) -> Record:
     """The record of an input whose results hold NaN or inf: no picture of garbage, and strict JSON."""
-    return Record(
-        input=str(item.path),
-        status="error",
-        error=f"{shown(item.path)}: the model's {what} for this image are not finite (NaN or inf); "
-        "check the model's weights and --mean/--std",
+    return _failed(
+        item,
+        f"the model's {what} for this image are not finite (NaN or inf); check the model's weights and --mean/--std",
     )
 
 

@@ -34,9 +34,30 @@ from torch import nn
 
 from .errors import InputError, UsageError
 from .forward import first_tensor, select_logits
+from .output import safe_name
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 SINGLE_OUTPUT_SIDES = ("negative", "positive")  # class 0 and 1 of a model with one output, without --labels
+# What each kind of target other than class logits explains, as errors name it.
+TARGET_NOUNS = {
+    "binary": "a single output",
+    "segmentation": "a segmentation class",
+    "similarity": "a similarity",
+    "detection": "detections",
+}
+
+
+def choose_classes(scores: torch.Tensor, classes: Sequence[int] | None, top_k: int) -> torch.Tensor:
+    """(B, K) class indices: the given ones for every image, else each image's ``top_k`` highest ``scores`` (B, C)."""
+    num_classes = scores.shape[1]
+    if classes:
+        for index in classes:
+            if not 0 <= index < num_classes:
+                raise UsageError(f"--class {index} is out of range: this model has classes 0..{num_classes - 1}")
+        return torch.tensor(list(classes), device=scores.device).expand(scores.shape[0], -1)
+    if top_k > num_classes:
+        raise UsageError(f"--top-k {top_k} is more than the model's {num_classes} classes")
+    return scores.topk(top_k, dim=1).indices
 
 
 class Target(Protocol):
@@ -45,10 +66,6 @@ class Target(Protocol):
     @property
     def kind(self) -> str:
         """class, binary, segmentation or similarity."""
-
-    @property
-    def percent(self) -> bool:
-        """Shown values are shares or probabilities (captions print them as %), else raw numbers."""
 
     def select(self, output: Any, output_key: str | None) -> torch.Tensor:
         """The tensor of the model's output this target reads."""
@@ -87,13 +104,13 @@ class ClassTarget(_NoHooks):
     activation: str | None = None
     kind: str = "class"
 
-    @property
-    def percent(self) -> bool:
-        return self.activation != "none"
+    def _activation(self, outputs: int) -> str:
+        """The activation shown: the one given, else softmax for several outputs and the raw value for one."""
+        return self.activation or ("softmax" if outputs > 1 else "none")
 
     def resolved(self, outputs: int) -> ClassTarget:
         """This target for a model with ``outputs`` scores per image: the default activation decided, options checked."""
-        activation = self.activation or ("softmax" if outputs > 1 else "none")
+        activation = self._activation(outputs)
         if activation not in ACTIVATIONS:
             raise UsageError(f"unknown --activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
         if outputs == 1:
@@ -126,14 +143,7 @@ class ClassTarget(_NoHooks):
         if outputs == 1:
             sides = list(self.classes) if self.classes else [1, 0][: self.top_k]
             return torch.tensor(sides, device=selected.device).expand(batch, -1)
-        if self.classes:
-            for index in self.classes:
-                if not 0 <= index < outputs:
-                    raise UsageError(f"--class {index} is out of range: this model has classes 0..{outputs - 1}")
-            return torch.tensor(list(self.classes), device=selected.device).expand(batch, -1)
-        if self.top_k > outputs:
-            raise UsageError(f"--top-k {self.top_k} is more than the model's {outputs} classes")
-        return selected.topk(self.top_k, dim=1).indices
+        return choose_classes(selected, self.classes, self.top_k)
 
     def scores(self, selected: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         if selected.shape[1] == 1:  # class 1: the output; class 0: its negative
@@ -141,7 +151,7 @@ class ClassTarget(_NoHooks):
         return selected.gather(1, chosen)
 
     def shown(self, selected: torch.Tensor) -> torch.Tensor:
-        activation = self.activation or ("softmax" if selected.shape[1] > 1 else "none")
+        activation = self._activation(selected.shape[1])
         if selected.shape[1] == 1:
             if activation == "sigmoid":
                 positive = selected.sigmoid()
@@ -170,7 +180,6 @@ class SegmentationTarget(_NoHooks):
     regions: torch.Tensor | None = None
     region_of: Callable[[tuple[int, int]], torch.Tensor] | None = None  # regions from the output's (H, W)
     kind: str = "segmentation"
-    percent: bool = True
     predicted: torch.Tensor | None = field(default=None, repr=False)  # (B, H, W) argmax of the last output chosen
 
     def select(self, output: Any, output_key: str | None) -> torch.Tensor:
@@ -183,21 +192,13 @@ class SegmentationTarget(_NoHooks):
         return logits
 
     def choose(self, selected: torch.Tensor) -> torch.Tensor:
-        batch, count = selected.shape[:2]
         self.predicted = selected.argmax(dim=1)
         if self.region_of is not None and self.regions is None:
             self.regions = self.region_of((selected.shape[-2], selected.shape[-1]))
-        if self.classes:
-            for index in self.classes:
-                if not 0 <= index < count:
-                    raise UsageError(f"--class {index} is out of range: this model has classes 0..{count - 1}")
-            return torch.tensor(list(self.classes), device=selected.device).expand(batch, -1)
-        if self.top_k > count:
-            raise UsageError(f"--top-k {self.top_k} is more than the model's {count} classes")
         # The classes covering most pixels (of the region, when one is given); ties go to the higher total logit.
         coverage = self.shown(selected)
         tie_break = selected.flatten(2).sum(dim=-1).softmax(dim=1) * 1e-6
-        return (coverage + tie_break).topk(self.top_k, dim=1).indices
+        return choose_classes(coverage + tie_break, self.classes, self.top_k)
 
     def scores(self, selected: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         logits = selected.gather(1, chosen[:, :, None, None].expand(-1, -1, *selected.shape[2:]))  # (B, K, H, W)
@@ -230,7 +231,6 @@ class SimilarityTarget:
     reference: torch.Tensor
     layer: str | None = None
     kind: str = "similarity"
-    percent: bool = False
     _recorded: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @contextlib.contextmanager
@@ -468,14 +468,17 @@ class TargetSpec:
         }
         return {"target": {key: value for key, value in fields.items() if value is not None}}
 
-    @property
-    def name_suffix(self) -> str:
-        """What output names add, so maps of other regions or references never overwrite each other."""
+    def file_part(self, class_part: str | int) -> str:
+        """What an output's name says it explains, after ``<method>_<layer>``: ``_c<class>`` (``class_part``: an
+        index, or ``*`` in a pattern), with the region or mask, so maps of other regions never overwrite each
+        other; ``_sim-<reference>`` for a similarity."""
+        if self.kind == "similarity":
+            return f"_sim-{safe_name(Path(self.reference or 'reference').stem)}"
         if self.region is not None:
-            return "_region-" + "-".join(f"{v:g}" for v in self.region)
+            return f"_c{class_part}_region-" + "-".join(f"{v:g}" for v in self.region)
         if self.mask is not None:
-            return f"_mask-{Path(self.mask).stem}"
-        return ""
+            return f"_c{class_part}_mask-{Path(self.mask).stem}"
+        return f"_c{class_part}"
 
     @property
     def has_classes(self) -> bool:
@@ -500,10 +503,11 @@ class TargetSpec:
                 described["mask"] = self.mask
         return described
 
-    def caption_value(self, value: float, percent: bool) -> str:
-        """The number a caption shows after the label."""
+    def caption_value(self, value: float) -> str:
+        """The number a caption shows after the label: a probability or share as %, a raw value (``--activation
+        none``) as it is."""
         if self.kind == "segmentation":
             return f"{value:.1%} of {'the region' if self.region or self.mask else 'pixels'}"
         if self.kind == "similarity":
             return f"similarity {value:.3f} to {Path(self.reference or '').name}"
-        return f"{value:.1%}" if percent else f"{value:.4g}"
+        return f"{value:.4g}" if self.activation == "none" else f"{value:.1%}"

@@ -543,21 +543,19 @@ def trace(
       hookviz trace resnet18 cat.jpg
       hookviz trace model.pt2 cat.jpg -c 281 --json | jq '.events[] | select(.direction == "backward") | .gradient.norm'
     """
-    from dataclasses import replace
-
     from ..errors import InputError, UsageError
-    from ..jobs import BatchTargets, CamOptions, target_label
+    from ..jobs import BatchTargets, target_label
     from ..pipeline import model_batch, prepare_image
     from ..trace import format_trace, trace_model
 
     loaded = load(model, model_args, quiet)
     class_index = loaded.class_index(class_value) if class_value is not None else None
-    spec = target_spec(loaded, score, [class_index] if class_index is not None else [], 1)
+    classes = [class_index] if class_index is not None else []
+    spec = target_spec(loaded, score, classes, 1)
     if spec.kind == "detection":
         raise UsageError("trace explains classes, regions and similarities; for a detection model use gradcam")
     prepared = prepare_image(Path(image), Path(image).stem, loaded.preprocessing, crop)  # InputError: exit 1
-    options = CamOptions(out_dir=Path("."), layer="", classes=[class_index] if class_index is not None else None)
-    target, region_errors = BatchTargets(loaded, replace(options, target=spec))([prepared])
+    target, region_errors = BatchTargets(loaded, spec, classes)([prepared])
     result = trace_model(
         loaded.module,
         model_batch([prepared], loaded),

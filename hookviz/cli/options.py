@@ -356,17 +356,9 @@ class ScoreArgs:
 
     @property
     def given(self) -> list[str]:
-        """The options given, as the user typed them (for errors naming what does not fit the model)."""
-        names = {
-            "activation": "--activation",
-            "region": "--region",
-            "mask": "--mask",
-            "similar_to": "--similar-to",
-            "embedding_layer": "--embedding-layer",
-            "boxes": "--boxes",
-            "min_score": "--min-score",
-        }
-        return [flag for key, flag in names.items() if getattr(self, key) is not None]
+        """The options given, as the user typed them (for errors naming what does not fit the model): each
+        field is its option's name, ``similar_to`` for ``--similar-to``."""
+        return ["--" + item.name.replace("_", "-") for item in fields(self) if getattr(self, item.name) is not None]
 
 
 score_options = option_group(

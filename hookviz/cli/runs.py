@@ -156,7 +156,7 @@ def target_spec(loaded: LoadedModel, score: ScoreArgs, classes: list[int], top_k
     from ..errors import UsageError
     from ..targets import ClassTarget, TargetSpec, parse_region, read_mask
 
-    task = getattr(loaded, "task", "classification")
+    task = loaded.task
     given = score.given
     if task == "detection":
         misfit = [flag for flag in given if flag not in ("--boxes", "--min-score")]
@@ -189,11 +189,6 @@ def target_spec(loaded: LoadedModel, score: ScoreArgs, classes: list[int], top_k
             raise UsageError(
                 "--activation applies to classifiers; a segmentation map shows each class's share of pixels"
             )
-        for index in classes:
-            if not 0 <= index < shape[1]:
-                raise UsageError(f"--class {index} is out of range: this model has classes 0..{shape[1] - 1}")
-        if not classes and top_k > shape[1]:
-            raise UsageError(f"--top-k {top_k} is more than the model's {shape[1]} classes")
         if score.mask is not None:
             read_mask(score.mask)  # an unreadable mask fails before any image is read
         region = parse_region(score.region) if score.region is not None else None
@@ -214,19 +209,17 @@ def check_target_fits(
     """Refuse what cannot explain the target: a method, smoothing, --metric or --expected (class logits only)."""
     from ..cams import check_target
     from ..errors import UsageError
+    from ..targets import TARGET_NOUNS
 
     if spec.kind == "class":
         return
-    if spec.kind == "detection":
-        for flag, given in (("--metric", bool(metrics)), ("--expected", expected is not None)):
-            if given:
-                raise UsageError(f"{flag} scores class probabilities, not detections; drop it for this model")
-        return  # hookviz.detection checks its methods and smoothing
-    what = {"binary": "a single output", "segmentation": "a segmentation class", "similarity": "a similarity"}
     for flag, given in (("--metric", bool(metrics)), ("--expected", expected is not None)):
         if given:
-            raise UsageError(f"{flag} scores class probabilities, not {what[spec.kind]}; drop it for this model")
-    check_target(spec.kind, method, aug_smooth=aug_smooth)
+            raise UsageError(
+                f"{flag} scores class probabilities, not {TARGET_NOUNS[spec.kind]}; drop it for this model"
+            )
+    if spec.kind != "detection":  # hookviz.detection checks its own methods and smoothing
+        check_target(spec.kind, method, aug_smooth=aug_smooth)
 
 
 def run_batch(loaded: LoadedModel, job: Job, images: tuple[str, ...], run: RunArgs, print_outputs: bool = True) -> int:

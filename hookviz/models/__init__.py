@@ -94,15 +94,12 @@ class LoadedModel:
     def output_count(self) -> int | None:
         """How many class scores the model gives per input, from one forward pass on zeros (remembered).
 
-        None when the output is not (N, scores), e.g. a detector's list of boxes. For a segmentation model, the
-        number of classes scored at each pixel (N, C, H, W). Lets a run check --class, --top-k and
-        --labels before it does any work.
+        For an output (N, C, H, W), a segmentation model's, the number of classes scored at each pixel; None
+        for anything else, e.g. a detector's list of boxes. Lets a run check --class, --top-k and --labels
+        before it does any work.
         """
         shape = self.output_shape()
-        if shape is None:
-            return None
-        per_pixel = self.task == "segmentation" and len(shape) == 4
-        return int(shape[1]) if len(shape) == 2 or per_pixel else None
+        return int(shape[1]) if shape is not None and len(shape) in (2, 4) else None
 
     def logits(self, output: Any) -> torch.Tensor:
         """The class scores in a model's output (a tensor, a tuple or a dict)."""
