@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,10 @@ from PIL import Image
 from torch import nn
 
 from .errors import UsageError
+from .folding import folded_batch_norms
 from .forward import first_tensor, run_model, select_logits
 from .hooks import hook_handles, layer_call, preserved_state, resolve_layers
+from .precision import ascent_dtype, dtype_name, lower_precision
 from .preprocessing import Preprocessing, default_preprocessing
 from .render import draw_labels, to_pil
 from .spatial import spatial_layout, to_spatial
@@ -59,6 +61,9 @@ class Settings:
     [1 - ``scale``, 1 + ``scale``], rotated by up to ``rotate`` degrees, inside a grey border of
     ``pad`` pixels. ``batch_size`` pictures are optimized at once (memory grows with it).
     ``seed`` fixes the initial pictures and the transformations: the same seed gives the same pictures.
+    ``precision`` of the model's arithmetic during the ascent (``precision.PRECISIONS``): ``"auto"`` is bfloat16 on a
+    CPU with native bfloat16 instructions and float32 elsewhere. The final pictures' activations are always
+    measured in float32.
     """
 
     steps: int = 64
@@ -70,6 +75,7 @@ class Settings:
     pad: int = 16
     batch_size: int = 16
     seed: int = 0
+    precision: str = "auto"
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Visualization:
     layer: str | None = None
     channel_count: int | None = None  # channels of the layer (filters) or classes of the model
     probabilities: list[float] = field(default_factory=list)
+    precision: str = "float32"  # the arithmetic of the ascent: "float32" or "bfloat16" (``ascent_dtype``)
 
 
 class _LayerReached(Exception):
@@ -289,7 +296,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def channel_scores(output: torch.Tensor, channels: torch.Tensor, neuron: bool = False) -> torch.Tensor:
     """For (N, C, h, w) ``output``, the activation of channel ``channels[i]`` in picture i: its mean over the map,
     or with ``neuron`` its value at the map's centre. Shape (N,)."""
-    picked = output[torch.arange(output.shape[0], device=output.device), channels.to(output.device)]
+    picked = output[torch.arange(output.shape[0], device=output.device), channels.to(output.device)].float()
     if neuron:
         return picked[:, picked.shape[1] // 2, picked.shape[2] // 2]
     return picked.flatten(1).mean(dim=1)
@@ -323,11 +330,13 @@ class _ChunkedObjective:
 
     Inputs go in channels-last memory order (faster convolutions on a CPU); a model that cannot take them (a
     ``view`` of its input, say) fails on the first chunk, and from then on gets ordinary contiguous inputs.
+    The model computes in ``dtype`` (autocast: float32 inputs, gradient and scores, bfloat16 arithmetic).
     """
 
-    def __init__(self, objective: Objective, chunk: int | None) -> None:
+    def __init__(self, objective: Objective, chunk: int | None, dtype: torch.dtype = torch.float32) -> None:
         self.objective = objective
         self.chunk = chunk
+        self.dtype = dtype
         self.channels_last: bool | None = None  # None: not tried yet
 
     def gradient(self, inputs: torch.Tensor, targets: slice) -> torch.Tensor:
@@ -354,7 +363,9 @@ class _ChunkedObjective:
     def _run(self, piece: torch.Tensor, part: slice) -> torch.Tensor:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         leaf = piece.contiguous(memory_format=layout).requires_grad_(True)
-        (gradient,) = torch.autograd.grad(self.objective(leaf, part).sum(), leaf)
+        with lower_precision(leaf.device, self.dtype):
+            score = self.objective(leaf, part).float().sum()
+        (gradient,) = torch.autograd.grad(score, leaf)
         return gradient
 
 
@@ -367,10 +378,16 @@ def _ascend(
     device: torch.device,
     progress: Callable[[int], None] | None,
     fixed_batch: int | None = None,
+    fast_model: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pictures maximizing ``objective``, ``settings.batch_size`` at a time; (pictures, their final scores)."""
+    """Pictures maximizing ``objective``, ``settings.batch_size`` at a time; (pictures, their final scores).
+
+    ``fast_model``: a context in which the steps run (the model with its batch norms folded); the final scores are
+    measured outside it, on the model as it is.
+    """
     pictures, scores = [], []
-    runner = _ChunkedObjective(objective, forward_chunk(size, device, fixed_batch))
+    dtype = ascent_dtype(settings.precision, device)
+    runner = _ChunkedObjective(objective, forward_chunk(size, device, fixed_batch), dtype)
     for start in range(0, count, settings.batch_size):
         targets = slice(start, min(count, start + settings.batch_size))
         # Picture i's random numbers come from its own stream, seeded by (seed, i): the same whatever the batch size.
@@ -381,16 +398,17 @@ def _ascend(
             targets.stop - start, size, decay_power=settings.decay_power, generators=generators, device=device
         )
         optimizer = torch.optim.Adam([picture.parameter], lr=settings.lr)
-        for _ in range(settings.steps):
-            inputs = normalized(random_views(picture.pictures(), settings, generators), preprocessing)
-            # The model's part (most of the time) runs on the inputs cut from the graph, in chunks; one backward pass
-            # then carries the inputs' gradient through the transformations and the Fourier parameterization.
-            input_gradient = runner.gradient(inputs.detach(), targets)
-            (gradient,) = torch.autograd.grad(inputs, picture.parameter, grad_outputs=input_gradient)
-            picture.parameter.grad = -gradient  # ascent
-            optimizer.step()
-            if progress is not None:
-                progress(targets.stop - start)
+        with fast_model():
+            for _ in range(settings.steps):
+                inputs = normalized(random_views(picture.pictures(), settings, generators), preprocessing)
+                # The model's part (most of the time) runs on the inputs cut from the graph, in chunks; one backward
+                # pass then carries the inputs' gradient through the transformations and the Fourier parameterization.
+                input_gradient = runner.gradient(inputs.detach(), targets)
+                (gradient,) = torch.autograd.grad(inputs, picture.parameter, grad_outputs=input_gradient)
+                picture.parameter.grad = -gradient  # ascent
+                optimizer.step()
+                if progress is not None:
+                    progress(targets.stop - start)
         with torch.no_grad():
             final = picture.pictures()
             scores.append(objective(normalized(final, preprocessing), targets).detach().float().cpu())
@@ -436,7 +454,17 @@ def visualize_channels(
         return channel_scores(channel_view(output, size, layer), wanted[targets], neuron)
 
     with _gradients_of_pictures_only(model):
-        images, scores = _ascend(objective, len(wanted), size, preprocessing, settings, device, progress, fixed_batch)
+        images, scores = _ascend(
+            objective,
+            len(wanted),
+            size,
+            preprocessing,
+            settings,
+            device,
+            progress,
+            fixed_batch,
+            fast_model=lambda: folded_batch_norms(model, keep=[layer]),
+        )
     return Visualization(
         images=images,
         targets=list(channels),
@@ -444,6 +472,7 @@ def visualize_channels(
         steps=settings.steps,
         layer=layer,
         channel_count=count,
+        precision=dtype_name(ascent_dtype(settings.precision, device)),
     )
 
 
@@ -487,7 +516,15 @@ def visualize_classes(
             if not 0 <= index < count:
                 raise UsageError(f"--class {index} is out of range: this model has classes 0..{count - 1}")
         images, scores = _ascend(
-            objective, len(wanted), preprocessing.input_size, preprocessing, settings, device, progress, fixed_batch
+            objective,
+            len(wanted),
+            preprocessing.input_size,
+            preprocessing,
+            settings,
+            device,
+            progress,
+            fixed_batch,
+            fast_model=lambda: folded_batch_norms(model),
         )
     return Visualization(
         images=images,
@@ -496,6 +533,7 @@ def visualize_classes(
         steps=settings.steps,
         channel_count=count,
         probabilities=torch.cat(probabilities).tolist(),
+        precision=dtype_name(ascent_dtype(settings.precision, device)),
     )
 
 

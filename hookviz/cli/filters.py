@@ -71,6 +71,14 @@ IMAGE_BATCH = 8  # images per forward pass when IMAGES choose the channels
     metavar="N",
     help="Pictures optimized at once (memory grows with it).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Arithmetic of the ascent: auto is bfloat16 on a CPU with native bfloat16 (about twice as fast, "
+    "the same kind of pictures), else float32. Activations are always reported in float32.",
+)
 @click.option("--save-each", is_flag=True, help="Also write one PNG per channel (or class).")
 @click.option(
     "--html",
@@ -96,6 +104,7 @@ def filters(
     jitter: int,
     seed: int,
     batch_size: int,
+    precision: str,
     save_each: bool,
     html: bool,
     out_dir: Path,
@@ -131,7 +140,7 @@ def filters(
         raise UsageError("give either -l (channels of a layer) or --class (classes), not both")
     if class_values and (channels is not None or neuron or images):
         raise UsageError("--class draws whole classes: drop -f, --neuron and IMAGES")
-    settings = Settings(steps=steps, lr=lr, jitter=jitter, seed=seed, batch_size=batch_size)
+    settings = Settings(steps=steps, lr=lr, jitter=jitter, seed=seed, batch_size=batch_size, precision=precision)
     loaded = load(model, model_args, quiet)
     gallery = _Gallery(loaded, settings) if html else None
     save_each = save_each or html
@@ -257,6 +266,7 @@ def _draw_layers(
                 "channel": channel,
                 "activation": result.activations[index],
                 "steps": settings.steps,
+                "precision": result.precision,
                 "png": str(grid_path),
             }
             if natural is not None:  # the most the channel reaches on the images, to compare the activation with
@@ -339,6 +349,7 @@ def _draw_classes(
             "logit": result.activations[index],
             "probability": result.probabilities[index],
             "steps": settings.steps,
+            "precision": result.precision,
             "png": str(grid_path),
         }
         if class_index in each:
