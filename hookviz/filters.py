@@ -36,7 +36,7 @@ from .errors import UsageError
 from .folding import folded_batch_norms
 from .forward import first_tensor, run_model, select_logits
 from .hooks import hook_handles, layer_call, preserved_state, resolve_layers
-from .precision import ascent_dtype, dtype_name, lower_precision
+from .precision import Scratch, ascent_dtype, dtype_name, lower_precision
 from .preprocessing import Preprocessing, default_preprocessing
 from .render import draw_labels, to_pil
 from .spatial import spatial_layout, to_spatial
@@ -338,6 +338,7 @@ class _ChunkedObjective:
         self.chunk = chunk
         self.dtype = dtype
         self.channels_last: bool | None = None  # None: not tried yet
+        self.scratch: Scratch = {}  # lower_precision's buffers, kept from step to step
 
     def gradient(self, inputs: torch.Tensor, targets: slice) -> torch.Tensor:
         count = inputs.shape[0]
@@ -363,7 +364,7 @@ class _ChunkedObjective:
     def _run(self, piece: torch.Tensor, part: slice) -> torch.Tensor:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         leaf = piece.contiguous(memory_format=layout).requires_grad_(True)
-        with lower_precision(leaf.device, self.dtype):
+        with lower_precision(leaf.device, self.dtype, self.scratch):
             score = self.objective(leaf, part).float().sum()
         (gradient,) = torch.autograd.grad(score, leaf)
         return gradient

@@ -1,12 +1,12 @@
 """Batch norms folded into the convolutions before them, for the duration of a block.
 
 In eval mode a batch norm after a convolution is an affine map per channel,
-``y = s * (conv(x) - mean) + beta`` with ``s = gamma / sqrt(var + eps)``, so
-``conv`` with its weights (and bias) scaled by ``s`` followed by adding
-``beta - s * mean`` gives the same output: one cheap addition replaces the batch
-norm's forward and backward pass. Gradient ascent (``hookviz filters``) runs a
-network thousands of times, and on EfficientNet-Lite0 the batch norms are a
-quarter of each step.
+``y = s * (conv(x) + b - mean) + beta`` with ``s = gamma / sqrt(var + eps)``, so
+``conv`` with its weights scaled by ``s`` and the bias ``beta + s * (b - mean)``
+gives the same output, and the batch norm's forward and backward passes are gone
+(a bias costs a convolution nothing; where one cannot be given, a ``ChannelShift``
+adds it). Gradient ascent (``hookviz filters``) runs a network thousands of
+times, and on EfficientNet-Lite0 the batch norms were a quarter of each step.
 
     with folded_batch_norms(model, keep=["_blocks.6"]):
         ...  # the model computes the same function, faster
@@ -16,15 +16,15 @@ Only pairs whose wiring is visible are folded: consecutive children of an
 convolution module feeding only a call of a batch-norm module in an fx graph
 (the modules of an unflattened ``.pt2`` program). Elsewhere nothing changes. The
 model is changed in place and put back on exit (even on error): parameters are
-swapped for folded copies, never written to.
+swapped for folded copies, never written to, and a convolution graph given a bias
+gets its own arguments back.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,15 +51,6 @@ class ChannelShift(nn.Module):
         return x + shift
 
 
-@dataclass
-class _Swap:
-    """One attribute set on a module, and the value to put back."""
-
-    owner: nn.Module
-    name: str
-    original: Any
-
-
 @contextmanager
 def folded_batch_norms(model: nn.Module, keep: Iterable[str] = ()) -> Iterator[int]:
     """For the block, ``model`` with its eval-mode batch norms folded into the convolutions before them.
@@ -72,7 +63,8 @@ def folded_batch_norms(model: nn.Module, keep: Iterable[str] = ()) -> Iterator[i
     Yields the number of batch norms folded.
     """
     kept = [name.partition("#")[0] for name in keep]
-    swaps: list[_Swap] = []
+    undo: list[Callable[[], None]] = []
+    folded = 0
     try:
         for parent_name, parent in list(model.named_modules()):
             for conv_name, norm_name in _pairs(parent):
@@ -81,11 +73,12 @@ def folded_batch_norms(model: nn.Module, keep: Iterable[str] = ()) -> Iterator[i
                     continue
                 if not _once(model, [getattr(parent, conv_name), getattr(parent, norm_name)]):
                     continue
-                _fold(parent, conv_name, norm_name, swaps)
-        yield sum(1 for swap in swaps if isinstance(getattr(swap.owner, swap.name), ChannelShift))
+                _fold(parent, conv_name, norm_name, undo)
+                folded += 1
+        yield folded
     finally:
-        for swap in reversed(swaps):
-            setattr(swap.owner, swap.name, swap.original)
+        for step in reversed(undo):
+            step()
 
 
 def _join(parent: str, child: str) -> str:
@@ -211,7 +204,8 @@ def _own_attribute(node: Any) -> bool:
     )
 
 
-def _fold(parent: nn.Module, conv_name: str, norm_name: str, swaps: list[_Swap]) -> None:
+def _fold(parent: nn.Module, conv_name: str, norm_name: str, undo: list[Callable[[], None]]) -> None:
+    """Scale the convolution's weights; its bias (given, or added) takes the rest, else a ``ChannelShift`` does."""
     conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
     conv_parts, norm_parts = _conv_parts(conv), _norm_parts(norm)
     assert conv_parts is not None and norm_parts is not None
@@ -221,17 +215,51 @@ def _fold(parent: nn.Module, conv_name: str, norm_name: str, swaps: list[_Swap])
     with torch.no_grad():
         gamma = getattr(norm, gamma_name) if gamma_name else torch.ones_like(mean)
         beta = getattr(norm, beta_name) if beta_name else torch.zeros_like(mean)
-        scale = (gamma.float() / (var.float() + eps).sqrt()).to(weight.dtype)
-        if scale.numel() != weight.shape[0]:
-            return
-        shift = beta.float() - mean.float() * scale.float()
-        _swap(conv, weight_name, nn.Parameter(weight * scale.view(-1, 1, 1, 1), requires_grad=False), swaps)
+        scale = gamma.float() / (var.float() + eps).sqrt()
+        shift = beta.float() - mean.float() * scale
         if bias_name is not None:
-            bias: torch.Tensor = getattr(conv, bias_name)
-            _swap(conv, bias_name, nn.Parameter(bias * scale, requires_grad=False), swaps)
-    _swap(parent, norm_name, ChannelShift(shift.to(weight.dtype)).to(weight.device), swaps)
+            shift = shift + getattr(conv, bias_name).float() * scale
+        scaled = nn.Parameter((weight.float() * scale.view(-1, 1, 1, 1)).to(weight.dtype), requires_grad=False)
+        bias = nn.Parameter(shift.to(weight.dtype), requires_grad=False)
+    _set(conv, weight_name, scaled, undo)
+    if bias_name is not None:
+        _set(conv, bias_name, bias, undo)
+    elif type(conv).forward is nn.Conv2d.forward:  # its forward passes self.bias to the convolution
+        _set(conv, "bias", bias, undo)
+    elif not _add_bias_to_graph(conv, bias, undo):
+        _set(parent, norm_name, ChannelShift(bias.detach()), undo)
+        return
+    _set(parent, norm_name, nn.Identity(), undo)
 
 
-def _swap(owner: nn.Module, name: str, value: Any, swaps: list[_Swap]) -> None:
-    swaps.append(_Swap(owner, name, getattr(owner, name)))
+def _add_bias_to_graph(conv: nn.Module, bias: torch.Tensor, undo: list[Callable[[], None]]) -> bool:
+    """Give the convolution call a graph module returns a ``bias`` argument (for the block); False where the module
+    does not run its graph through an interpreter (a code-generated forward would not see the change)."""
+    graph = getattr(conv, "graph", None)
+    if not isinstance(graph, torch.fx.Graph) or getattr(conv, "_run_with_interpreter", False) is not True:
+        return False
+    node = _returned(graph)
+    if node is None or node.target is not torch.ops.aten.conv2d.default or node.kwargs:
+        return False
+    name = "_hookviz_folded_bias"
+    conv.register_buffer(name, bias.detach())
+    with graph.inserting_before(node):
+        # create_node, not get_attr: get_attr looks for the buffer on the graph's code-generated module, while the
+        # interpreter (checked above) reads attributes from ``conv`` itself.
+        attribute = graph.create_node("get_attr", name)
+    original = node.args
+    node.args = (original[0], original[1], attribute, *original[3:])
+
+    def put_back() -> None:
+        node.args = original
+        graph.erase_node(attribute)
+        delattr(conv, name)
+
+    undo.append(put_back)
+    return True
+
+
+def _set(owner: nn.Module, name: str, value: Any, undo: list[Callable[[], None]]) -> None:
+    original = getattr(owner, name)
     setattr(owner, name, value)
+    undo.append(lambda: setattr(owner, name, original))

@@ -109,17 +109,37 @@ def test_folding_keeps_the_function_and_puts_the_model_back(exported):
     # module call is a node of its parent's graph: the stem's pair and all six of the blocks'.
     for model, expected_folds in ((eager, 1), (program, 7)):
         before = dict(model.state_dict(keep_vars=True))
+        modules = dict(model.named_modules())
+        graphs = {name: str(m.graph) for name, m in modules.items() if hasattr(m, "graph")}
         with torch.no_grad():
             expected = model(batch)
             with folded_batch_norms(model) as folded:
                 got = model(batch)
-                shifts = [m for m in model.modules() if isinstance(m, ChannelShift)]
+                now = dict(model.named_modules())
+                gone = [name for name, module in modules.items() if now.get(name) is not module]
             after = model(batch)
-        assert folded == len(shifts) == expected_folds
+        assert folded == len(gone) == expected_folds  # each batch norm folded is out of the model for the block
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(after, expected)
-        assert not any(isinstance(m, ChannelShift) for m in model.modules())
+        assert dict(model.named_modules()) == modules
+        assert {name: str(m.graph) for name, m in model.named_modules() if hasattr(m, "graph")} == graphs
         assert all(tensor is before[name] for name, tensor in model.state_dict(keep_vars=True).items())
+
+
+def test_a_convolution_whose_forward_takes_no_bias_is_followed_by_a_channel_shift():
+    """A convolution subclass with its own forward may ignore ``self.bias``: its batch norm becomes an addition."""
+    torch.manual_seed(2)
+    model = nn.Sequential(PaddedConv(8, 3, 2), nn.BatchNorm2d(8)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    batch = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        expected = model(batch)
+        with folded_batch_norms(model) as folded:
+            assert folded == 1 and isinstance(model[1], ChannelShift) and model[0].bias is None
+            got = model(batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(model[1], nn.BatchNorm2d)
 
 
 def test_a_kept_layer_keeps_its_own_output(exported):
@@ -274,3 +294,29 @@ def test_cli_records_the_precision(project: Path):
     assert [record["precision"] for record in json_lines(result.stdout)] == ["float32", "float32"]
     bad = hookviz("filters", "nets:build_tinynet", "-l", "conv2", "--precision", "half", "-o", project / "bad")
     assert bad.exit_code == 2 and "half" in bad.stderr
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_constant_padding_in_lower_precision_is_f_pads(channels_last):
+    """Under lower_precision, constant padding writes its border and copies the inside: the same values and
+    gradient as F.pad, in the input's memory order."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 7, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gradient = torch.randn(2, 5, 7 + 2 + 3, 6 + 0 + 1)
+    expected_leaf = x.clone().requires_grad_(True)
+    expected = F.pad(expected_leaf, (0, 1, 2, 3), value=0.5)
+    (expected_gradient,) = torch.autograd.grad(expected, expected_leaf, gradient)
+    for pad in (
+        lambda t: F.pad(t, (0, 1, 2, 3), value=0.5),
+        lambda t: torch.ops.aten.pad.default(t, [0, 1, 2, 3], "constant", 0.5),
+    ):
+        leaf = x.clone().requires_grad_(True)
+        with lower_precision(torch.device("cpu"), torch.bfloat16):
+            padded = pad(leaf)
+        assert type(padded.grad_fn).__name__ == "_ConstantPadBackward"  # hookviz's, not F.pad's
+        assert padded.is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.testing.assert_close(padded, expected.detach(), rtol=0, atol=0)
+        (got,) = torch.autograd.grad(padded, leaf, gradient)
+        torch.testing.assert_close(got, expected_gradient, rtol=0, atol=0)
