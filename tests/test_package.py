@@ -24,6 +24,8 @@ RANKS = {
     "tables": 0,
     "memory": 0,
     "forward": 1,
+    "folding": 1,  # batch norms folded into convolutions for a block (fast gradient ascent)
+    "precision": 1,  # bfloat16 arithmetic for gradient ascent, with its fast strided depthwise gradient
     "spatial": 1,
     "output": 1,
     "images": 1,
