@@ -380,14 +380,14 @@ def _ascend(
     progress: Callable[[int], None] | None,
     fixed_batch: int | None = None,
     fast_model: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pictures maximizing ``objective``, ``settings.batch_size`` at a time; (pictures, their final scores).
 
-    ``fast_model``: a context in which the steps run (the model with its batch norms folded); the final scores are
-    measured outside it, on the model as it is.
+    ``fast_model``: a context in which the steps run (the model with its batch norms folded); the steps compute in
+    ``dtype`` (``ascent_dtype``). The final scores are measured outside both, on the model as it is, in float32.
     """
     pictures, scores = [], []
-    dtype = ascent_dtype(settings.precision, device)
     runner = _ChunkedObjective(objective, forward_chunk(size, device, fixed_batch), dtype)
     for start in range(0, count, settings.batch_size):
         targets = slice(start, min(count, start + settings.batch_size))
@@ -442,6 +442,7 @@ def visualize_channels(
     """
     preprocessing = preprocessing or default_preprocessing()
     device = _model_device(model)
+    dtype = ascent_dtype(settings.precision, device)  # checks the name before any work
     size = preprocessing.input_size
     probe = probe_layer(model, layer, preprocessing, fixed_batch=fixed_batch)
     count = probe.channels
@@ -465,6 +466,7 @@ def visualize_channels(
             progress,
             fixed_batch,
             fast_model=lambda: folded_batch_norms(model, keep=[layer]),
+            dtype=dtype,
         )
     return Visualization(
         images=images,
@@ -473,7 +475,7 @@ def visualize_channels(
         steps=settings.steps,
         layer=layer,
         channel_count=count,
-        precision=dtype_name(ascent_dtype(settings.precision, device)),
+        precision=dtype_name(dtype),
     )
 
 
@@ -491,6 +493,7 @@ def visualize_classes(
     of ``visualize_channels`` (Fourier colour parameterization, random transformations); the arguments are its."""
     preprocessing = preprocessing or default_preprocessing()
     device = _model_device(model)
+    dtype = ascent_dtype(settings.precision, device)  # checks the name before any work
     wanted = torch.tensor(list(classes), dtype=torch.long)
     probabilities: list[torch.Tensor] = []
 
@@ -526,6 +529,7 @@ def visualize_classes(
             progress,
             fixed_batch,
             fast_model=lambda: folded_batch_norms(model),
+            dtype=dtype,
         )
     return Visualization(
         images=images,
@@ -534,7 +538,7 @@ def visualize_classes(
         steps=settings.steps,
         channel_count=count,
         probabilities=torch.cat(probabilities).tolist(),
-        precision=dtype_name(ascent_dtype(settings.precision, device)),
+        precision=dtype_name(dtype),
     )
 
 

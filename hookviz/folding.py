@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,11 +44,7 @@ class ChannelShift(nn.Module):
         self.register_buffer("shift", shift.reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shift = self.shift.to(x.dtype)  # in the input's dtype: a float32 constant must not upcast bfloat16 activations
-        # In place when x is a fresh intermediate (its convolution's backward pass does not need it): one pass less.
-        if x.requires_grad and not x.is_leaf and x._base is None:
-            return x.add_(shift)
-        return x + shift
+        return x + self.shift.to(x.dtype)  # in x's dtype: a float32 constant must not upcast bfloat16 activations
 
 
 @contextmanager
@@ -63,17 +59,19 @@ def folded_batch_norms(model: nn.Module, keep: Iterable[str] = ()) -> Iterator[i
     Yields the number of batch norms folded.
     """
     kept = [name.partition("#")[0] for name in keep]
+    # How many places each module has: a shared module may be called elsewhere, and is left alone.
+    places = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     undo: list[Callable[[], None]] = []
     folded = 0
     try:
         for parent_name, parent in list(model.named_modules()):
-            for conv_name, norm_name in _pairs(parent):
-                names = [_join(parent_name, conv_name), _join(parent_name, norm_name)]
+            for pair in _pairs(parent):
+                names = [_join(parent_name, pair.conv), _join(parent_name, pair.norm)]
                 if any(_within(k, name) for k in kept for name in names):
                     continue
-                if not _once(model, [getattr(parent, conv_name), getattr(parent, norm_name)]):
+                if places[id(getattr(parent, pair.conv))] != 1 or places[id(getattr(parent, pair.norm))] != 1:
                     continue
-                _fold(parent, conv_name, norm_name, undo)
+                _fold(parent, pair, undo)
                 folded += 1
         yield folded
     finally:
@@ -89,14 +87,21 @@ def _within(kept: str, name: str) -> bool:
     return kept == name or kept.startswith(name + ".")
 
 
-def _once(model: nn.Module, modules: list[nn.Module]) -> bool:
-    """Whether each of ``modules`` has one place in the model (a shared module may be called elsewhere)."""
-    seen = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
-    return all(seen[id(module)] == 1 for module in modules)
+ConvParts = tuple[str, str | None]  # attribute names of a convolution's (weight, bias)
+NormParts = tuple[str | None, str | None, torch.Tensor, torch.Tensor, float]  # (gamma, beta names, mean, var, eps)
 
 
-def _pairs(parent: nn.Module) -> list[tuple[str, str]]:
-    """(convolution, batch norm) child names of ``parent`` where the batch norm takes only the convolution's output."""
+class _Pair(NamedTuple):
+    """A convolution child of a module and the batch-norm child that takes only its output, with their parts."""
+
+    conv: str
+    norm: str
+    conv_parts: ConvParts
+    norm_parts: NormParts
+
+
+def _pairs(parent: nn.Module) -> list[_Pair]:
+    """The (convolution, batch norm) children of ``parent`` where the batch norm takes only the convolution's output."""
     children = dict(parent.named_children())
     found: list[tuple[str, str]] = []
     if isinstance(parent, nn.Sequential):
@@ -117,14 +122,16 @@ def _pairs(parent: nn.Module) -> list[tuple[str, str]]:
                 and calls[node.target] == 1
             ):
                 found.append((str(source.target), str(node.target)))
-    return [
-        (a, b)
-        for a, b in found
-        if a in children and b in children and _conv_parts(children[a]) and _norm_parts(children[b])
-    ]
+    pairs = []
+    for a, b in found:
+        if a in children and b in children:
+            conv_parts, norm_parts = _conv_parts(children[a]), _norm_parts(children[b])
+            if conv_parts is not None and norm_parts is not None:
+                pairs.append(_Pair(a, b, conv_parts, norm_parts))
+    return pairs
 
 
-def _conv_parts(module: nn.Module) -> tuple[str, str | None] | None:
+def _conv_parts(module: nn.Module) -> ConvParts | None:
     """The attribute names of a 2-D convolution module's (weight, bias), if its output is just that convolution."""
     if isinstance(module, nn.Conv2d):
         return "weight", "bias" if module.bias is not None else None
@@ -145,7 +152,7 @@ def _conv_parts(module: nn.Module) -> tuple[str, str | None] | None:
     return str(weight.target), str(bias.target) if isinstance(bias, torch.fx.Node) else None
 
 
-def _norm_parts(module: nn.Module) -> tuple[str | None, str | None, torch.Tensor, torch.Tensor, float] | None:
+def _norm_parts(module: nn.Module) -> NormParts | None:
     """(weight name, bias name, running mean, running var, eps) of an eval-mode batch norm module over channels."""
     if isinstance(module, nn.BatchNorm2d):
         if module.training or module.running_mean is None or module.running_var is None:
@@ -204,13 +211,12 @@ def _own_attribute(node: Any) -> bool:
     )
 
 
-def _fold(parent: nn.Module, conv_name: str, norm_name: str, undo: list[Callable[[], None]]) -> None:
+def _fold(parent: nn.Module, pair: _Pair, undo: list[Callable[[], None]]) -> None:
     """Scale the convolution's weights; its bias (given, or added) takes the rest, else a ``ChannelShift`` does."""
-    conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
-    conv_parts, norm_parts = _conv_parts(conv), _norm_parts(norm)
-    assert conv_parts is not None and norm_parts is not None
-    weight_name, bias_name = conv_parts
-    gamma_name, beta_name, mean, var, eps = norm_parts
+    norm_name = pair.norm
+    conv, norm = getattr(parent, pair.conv), getattr(parent, norm_name)
+    weight_name, bias_name = pair.conv_parts
+    gamma_name, beta_name, mean, var, eps = pair.norm_parts
     weight: torch.Tensor = getattr(conv, weight_name)
     with torch.no_grad():
         gamma = getattr(norm, gamma_name) if gamma_name else torch.ones_like(mean)

@@ -69,7 +69,7 @@ def lower_precision(device: torch.device, dtype: torch.dtype, scratch: Scratch |
         return
     with torch.autocast(device.type, dtype=dtype):
         if device.type == "cpu":
-            with _FastStridedDepthwise(dtype, {} if scratch is None else scratch):
+            with _CpuRepairs(dtype, {} if scratch is None else scratch):
                 yield
         else:
             yield
@@ -80,7 +80,7 @@ _PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default, F.p
 _CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-class _FastStridedDepthwise(TorchFunctionMode):
+class _CpuRepairs(TorchFunctionMode):
     """Routes strided depthwise conv2d calls through ``_StridedDepthwise`` (in ``dtype``) and constant 2-D padding
     through ``_ConstantPad``; other calls pass through."""
 
